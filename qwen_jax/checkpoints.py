@@ -1,0 +1,146 @@
+"""The Flax transformer folder: what `convert_weights.py` writes and `load_transformer` reads.
+
+  <folder>/config.json   the diffusers transformer config (architecture only)
+  <folder>/params/       an orbax checkpoint of the parameters as a nested dict, blocks stacked
+                         on a leading layer axis (paths as in `QwenImageTransformer`)
+
+Parameters can be written and read one leaf at a time (orbax partial save / partial load), so
+converting a 40 GB checkpoint never holds more than one stacked tensor in memory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint.experimental.v1 as ocp
+from flax import nnx
+from jax.sharding import Mesh
+
+from qwen_jax import sharding as sharding_lib
+from qwen_jax.conversion.errors import ConversionError
+from qwen_jax.models.config import TransformerConfig
+from qwen_jax.models.transformer import (
+    QwenImageTransformer, abstract_model, flatten_params, unflatten_params,
+)
+
+CONFIG_FILE = "config.json"
+PARAMS_DIR = "params"
+
+
+@contextmanager
+def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
+    """Yields a temporary sibling of `dst` to fill; renames it to `dst` only on success.
+
+    A non-empty `dst` is an error unless `overwrite`; on any failure nothing is left behind.
+    """
+    dst = Path(dst)
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise ConversionError(f"{dst}: destination exists and is not empty (choose a new path)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.exists():
+            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
+        tmp.rename(dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(Path(str(tmp / PARAMS_DIR) + ".partial_save"), ignore_errors=True)
+
+
+def write_config(folder: Path, cfg: TransformerConfig) -> None:
+    with open(folder / CONFIG_FILE, "w") as f:
+        json.dump(cfg.to_diffusers_config(), f, indent=2, sort_keys=True)
+
+
+def read_config(folder: str | os.PathLike, **runtime) -> TransformerConfig:
+    path = Path(folder) / CONFIG_FILE
+    if not path.is_file():
+        raise ConversionError(f"{folder}: not a qwen_jax transformer folder (no {CONFIG_FILE})")
+    with open(path) as f:
+        return TransformerConfig.from_diffusers_config(json.load(f), **runtime)
+
+
+class ParamWriter:
+    """Adds parameters to `<folder>/params` one leaf at a time; `finalize()` commits them."""
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / PARAMS_DIR
+
+    def add(self, path: tuple[str, ...], value: np.ndarray) -> None:
+        ocp.partial.save(self.path, unflatten_params({path: value}))
+
+    def finalize(self) -> None:
+        ocp.partial.finalize(self.path)
+
+
+def param_metadata(folder: str | os.PathLike) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
+    """{path: (shape, dtype)} of the stored parameters, read without loading them."""
+    path = Path(folder) / PARAMS_DIR
+    if not path.is_dir():
+        raise ConversionError(f"{folder}: no {PARAMS_DIR}/ checkpoint inside")
+    meta = ocp.pytree_metadata(path).metadata
+    return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten_params(meta).items()}
+
+
+def read_param(folder: str | os.PathLike, path: tuple[str, ...], shape, dtype) -> np.ndarray:
+    """One stored parameter as a host numpy array (partial load: nothing else is read)."""
+    ctx = ocp.Context()
+    ctx.pytree.loading.partial_load = True
+    with ctx:
+        tree = ocp.load_pytree(Path(folder) / PARAMS_DIR, unflatten_params({path: np.empty(shape, dtype)}))
+    return flatten_params(tree)[path]
+
+
+def save_transformer(model: QwenImageTransformer, folder: str | os.PathLike, overwrite: bool = False) -> None:
+    """Writes a model (its config and parameters) as a transformer folder, atomically."""
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+    with atomic_output_dir(folder, overwrite=overwrite) as tmp:
+        write_config(tmp, model.config)
+        ocp.save_pytree(tmp / PARAMS_DIR, params)
+
+
+def load_transformer(
+    folder: str | os.PathLike,
+    *,
+    param_dtype: str | None = None,
+    dtype: str | None = None,
+    attention: str = "xla",
+    remat: str = "none",
+    mesh: Mesh | None = None,
+    rules=sharding_lib.DEFAULT_RULES,
+) -> QwenImageTransformer:
+    """The ready model from a transformer folder.
+
+    param_dtype: storage dtype (default: as stored; a different one casts while loading).
+    dtype: compute dtype (default: param_dtype).
+    mesh: place every parameter straight into its sharding on this mesh (`rules` map logical
+      axes to mesh axes); without one, parameters land on the default device.
+    """
+    stored = param_metadata(folder)
+    if param_dtype is None:
+        param_dtype = np.dtype(next(iter(stored.values()))[1]).name
+    cfg = read_config(folder, param_dtype=param_dtype, dtype=dtype or param_dtype, attention=attention, remat=remat)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    wanted = flatten_params(abstract_state)
+    if set(wanted) != set(stored) or any(tuple(wanted[p].shape) != stored[p][0] for p in wanted):
+        bad = sorted("/".join(p) for p in set(wanted) ^ set(stored))
+        bad += sorted("/".join(p) for p in set(wanted) & set(stored) if tuple(wanted[p].shape) != stored[p][0])
+        raise ConversionError(f"{folder}: parameters do not match config.json: {', '.join(bad[:8])}")
+    if mesh is not None:
+        shardings = sharding_lib.param_shardings({p: v.shape for p, v in wanted.items()}, mesh, rules)
+    else:
+        shardings = {p: sharding_lib.single_device() for p in wanted}
+    target = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p]) for p, v in wanted.items()}
+    loaded = ocp.load_pytree(Path(folder) / PARAMS_DIR, unflatten_params(target))
+    nnx.replace_by_pure_dict(abstract_state, loaded)
+    return nnx.merge(graphdef, abstract_state)

@@ -1,0 +1,46 @@
+"""One attention function for the whole model, dispatched by implementation name.
+
+Layout: q, k, v (B, S, H, Dh); `kv_mask` (B, S) bool, True = key may be attended (or None).
+Softmax always runs in fp32. To add a kernel (e.g. TPU splash attention), write a function with
+the signature of `_xla` and register it in `ATTENTION_FNS`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _xla(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None) -> jax.Array:
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    if kv_mask is not None:
+        logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None) -> jax.Array:
+    # cuDNN fused (flash) attention: GPU only, bf16/fp16 inputs, head_dim a multiple of 8.
+    if q.dtype not in (jnp.bfloat16, jnp.float16):
+        raise ValueError(f"attention='cudnn' needs bf16/fp16 activations, got {q.dtype}; set dtype='bfloat16'")
+    mask = None if kv_mask is None else kv_mask[:, None, None, :]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+
+
+def _splash(q, k, v, kv_mask):
+    # Plug-in point for TPU: Pallas splash attention (jax.experimental.pallas.ops.tpu.splash_attention),
+    # called under jax.shard_map over the batch/head mesh axes, with the text mask as SegmentIds.
+    raise NotImplementedError("attention='splash' (TPU) is not implemented yet; use 'xla'")
+
+
+ATTENTION_FNS = {"xla": _xla, "cudnn": _cudnn, "splash": _splash}
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None, impl: str = "xla") -> jax.Array:
+    """Non-causal multi-head attention with scale 1/sqrt(Dh); returns (B, S, H, Dh) in q's dtype."""
+    try:
+        fn = ATTENTION_FNS[impl]
+    except KeyError:
+        raise ValueError(f"unknown attention implementation {impl!r}; choose from {sorted(ATTENTION_FNS)}") from None
+    return fn(q, k, v, kv_mask)

@@ -1,0 +1,112 @@
+"""Small building blocks shared by the transformer: linear, norms, timestep embedding, MLP.
+
+Numerics follow diffusers: normalisation statistics in fp32, results cast back to the compute
+dtype; linear layers run in the compute dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from qwen_jax.models.config import TransformerConfig
+
+NORM_EPS = 1e-6
+
+
+def linear(cfg: TransformerConfig, in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
+    """A biased Linear in the config's dtypes (kernel stored (in, out), i.e. torch weight.T)."""
+    return nnx.Linear(
+        in_features, out_features, use_bias=True,
+        dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs,
+    )
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm with a learnable scale (diffusers `RMSNorm`, eps 1e-6), statistics in fp32."""
+
+    def __init__(self, dim: int, cfg: TransformerConfig):
+        self.scale = nnx.Param(jnp.ones((dim,), cfg.jnp_param_dtype))
+        self.out_dtype = cfg.jnp_dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + NORM_EPS)
+        return (y * self.scale[...].astype(jnp.float32)).astype(self.out_dtype)
+
+
+def layer_norm(x: jax.Array) -> jax.Array:
+    """LayerNorm without affine parameters (eps 1e-6), statistics in fp32."""
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + NORM_EPS)).astype(x.dtype)
+
+
+def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
+    """adaLN modulation `x * (1 + scale) + shift`; shift/scale are per sample (B, D)."""
+    return x * (1 + scale[:, None, :]) + shift[:, None, :]
+
+
+def timestep_sinusoid(timestep: jax.Array, dim: int = 256, scale: float = 1000.0) -> jax.Array:
+    """diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)`.
+
+    `timestep` is sigma in [0, 1]; the sinusoid sees `scale * sigma`. Output (B, dim) fp32,
+    ordered [cos, sin]. As in diffusers the frequencies are rounded to the timestep's dtype
+    (a bf16 model therefore sees bf16 frequencies) before the fp32 product.
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
+    freqs = freqs.astype(timestep.dtype).astype(jnp.float32)
+    args = scale * (timestep.astype(jnp.float32)[:, None] * freqs[None, :])
+    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
+
+
+class TimestepEmbedding(nnx.Module):
+    """`linear_1 -> SiLU -> linear_2` from 256 sinusoid channels to the model width."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, in_channels: int = 256):
+        self.linear_1 = linear(cfg, in_channels, cfg.inner_dim, rngs=rngs)
+        self.linear_2 = linear(cfg, cfg.inner_dim, cfg.inner_dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+
+
+class TimestepProjEmbeddings(nnx.Module):
+    """diffusers `QwenTimestepProjEmbeddings`: sinusoid of sigma, then the MLP."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.timestep_embedder = TimestepEmbedding(cfg, rngs=rngs)
+        self.dtype = cfg.jnp_dtype
+
+    def __call__(self, timestep: jax.Array) -> jax.Array:
+        # diffusers casts sigma to the model dtype first (bf16 rounding is part of the model).
+        timestep = timestep.astype(self.dtype)
+        return self.timestep_embedder(timestep_sinusoid(timestep).astype(self.dtype))
+
+
+class FeedForward(nnx.Module):
+    """`proj_in -> GELU(tanh) -> proj_out` with 4x expansion (diffusers `net.0.proj`, `net.2`)."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, mult: int = 4):
+        self.proj_in = linear(cfg, cfg.inner_dim, mult * cfg.inner_dim, rngs=rngs)
+        self.proj_out = linear(cfg, mult * cfg.inner_dim, cfg.inner_dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = jax.nn.gelu(self.proj_in(x), approximate=True)
+        return self.proj_out(jax.ad_checkpoint.checkpoint_name(h, "mlp_hidden"))
+
+
+class AdaLayerNormContinuous(nnx.Module):
+    """Final adaLN: `LN(x) * (1 + scale) + shift` with (scale, shift) in that order from `linear`."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.linear = linear(cfg, cfg.inner_dim, 2 * cfg.inner_dim, rngs=rngs)
+
+    def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
+        scale, shift = jnp.split(self.linear(jax.nn.silu(temb)), 2, axis=-1)
+        return modulate(layer_norm(x), shift, scale)

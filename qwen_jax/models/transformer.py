@@ -1,0 +1,211 @@
+"""Qwen-Image MMDiT (diffusers `QwenImageTransformer2DModel`) in Flax NNX.
+
+Module and parameter names mirror diffusers so the two can be read side by side; the key
+table in `qwen_jax.conversion.transformer_keys` lists every correspondence. Differences:
+  * the 60 blocks are one `QwenImageTransformerBlock` whose parameters carry a leading layer
+    axis, run with a single `jax.lax.scan` (compile time does not grow with depth);
+  * `img_mod.1` / `txt_mod.1` are plain Linears `img_mod` / `txt_mod` (the SiLU is in the call);
+  * `to_out.0` is `to_out`; the MLPs' `net.0.proj` / `net.2` are `proj_in` / `proj_out`.
+Tensor layouts are documented in `qwen_jax.models.config`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
+
+from qwen_jax.models import rope
+from qwen_jax.models.attention import attention
+from qwen_jax.models.config import TransformerConfig
+from qwen_jax.models.layers import (
+    AdaLayerNormContinuous, FeedForward, RMSNorm, TimestepProjEmbeddings, layer_norm, linear, modulate,
+)
+from qwen_jax.models.remat import apply_remat
+
+
+class JointAttention(nnx.Module):
+    """Dual-stream attention: separate projections per stream, one softmax over [text, image]."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        d, hd = cfg.inner_dim, cfg.attention_head_dim
+        self.heads, self.impl = cfg.num_attention_heads, cfg.attention
+        for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out", "to_add_out"):
+            setattr(self, name, linear(cfg, d, d, rngs=rngs))
+        for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
+            setattr(self, name, RMSNorm(hd, cfg))
+
+    def __call__(self, img, txt, cos, sin, kv_mask):
+        def heads(x):
+            return x.reshape(*x.shape[:-1], self.heads, -1)
+
+        # QK-RMSNorm per head, then RoPE, then join the streams text-first.
+        q = jnp.concatenate([self.norm_added_q(heads(self.add_q_proj(txt))), self.norm_q(heads(self.to_q(img)))], 1)
+        k = jnp.concatenate([self.norm_added_k(heads(self.add_k_proj(txt))), self.norm_k(heads(self.to_k(img)))], 1)
+        v = jnp.concatenate([heads(self.add_v_proj(txt)), heads(self.to_v(img))], 1)
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+        q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
+
+        out = attention(q, k, v, kv_mask, self.impl)
+        out = checkpoint_name(out.reshape(*out.shape[:2], -1), "attn_out")
+        n_txt = txt.shape[1]
+        return self.to_out(out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+
+
+class QwenImageTransformerBlock(nnx.Module):
+    """One dual-stream block: adaLN-modulated joint attention and per-stream MLPs."""
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.img_mod = linear(cfg, cfg.inner_dim, 6 * cfg.inner_dim, rngs=rngs)
+        self.txt_mod = linear(cfg, cfg.inner_dim, 6 * cfg.inner_dim, rngs=rngs)
+        self.attn = JointAttention(cfg, rngs=rngs)
+        self.img_mlp = FeedForward(cfg, rngs=rngs)
+        self.txt_mlp = FeedForward(cfg, rngs=rngs)
+
+    def __call__(self, img, txt, temb, cos, sin, kv_mask):
+        # Modulation rows: [shift1 | scale1 | gate1 | shift2 | scale2 | gate2] (attention half first).
+        silu_temb = jax.nn.silu(temb)
+        i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = jnp.split(self.img_mod(silu_temb), 6, axis=-1)
+        t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = jnp.split(self.txt_mod(silu_temb), 6, axis=-1)
+
+        img_attn, txt_attn = self.attn(
+            modulate(layer_norm(img), i_shift1, i_scale1),
+            modulate(layer_norm(txt), t_shift1, t_scale1),
+            cos, sin, kv_mask,
+        )
+        img = img + i_gate1[:, None] * img_attn
+        txt = txt + t_gate1[:, None] * txt_attn
+
+        img = img + i_gate2[:, None] * self.img_mlp(modulate(layer_norm(img), i_shift2, i_scale2))
+        txt = txt + t_gate2[:, None] * self.txt_mlp(modulate(layer_norm(txt), t_shift2, t_scale2))
+        return img, txt
+
+
+def stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> QwenImageTransformerBlock:
+    """`cfg.num_layers` blocks as one module whose every parameter has a leading layer axis."""
+    graphdef = nnx.graphdef(nnx.eval_shape(lambda: QwenImageTransformerBlock(cfg, rngs=nnx.Rngs(0))))
+    keys = jax.random.split(rngs.params(), cfg.num_layers)
+    states = jax.vmap(lambda key: nnx.state(QwenImageTransformerBlock(cfg, rngs=nnx.Rngs(key))))(keys)
+    return nnx.merge(graphdef, states)
+
+
+class QwenImageTransformer(nnx.Module):
+    """The Qwen-Image denoiser: packed latents + text states + sigma -> velocity.
+
+    Call: `model(hidden_states, encoder_hidden_states, encoder_hidden_states_mask, timestep,
+    img_shapes)`, shapes as in diffusers (see `qwen_jax.models.config`). `img_shapes` is static
+    (token grids per image; under `jax.jit` pass it as a static argument).
+    With `return_hidden_states_at=(i, j, ...)` the call also returns the image-token hidden
+    states (B, L_img, D) after blocks i, j, ... (0-based) as a tuple, for discriminator heads.
+    """
+
+    def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
+        self.config = cfg
+        self.time_text_embed = TimestepProjEmbeddings(cfg, rngs=rngs)
+        self.txt_norm = RMSNorm(cfg.joint_attention_dim, cfg)
+        self.img_in = linear(cfg, cfg.in_channels, cfg.inner_dim, rngs=rngs)
+        self.txt_in = linear(cfg, cfg.joint_attention_dim, cfg.inner_dim, rngs=rngs)
+        self.transformer_blocks = stacked_blocks(cfg, rngs)
+        self.norm_out = AdaLayerNormContinuous(cfg, rngs=rngs)
+        self.proj_out = linear(cfg, cfg.inner_dim, cfg.out_features, rngs=rngs)
+
+    def __call__(
+        self,
+        hidden_states: jax.Array,
+        encoder_hidden_states: jax.Array,
+        encoder_hidden_states_mask: jax.Array | None,
+        timestep: jax.Array,
+        img_shapes,
+        *,
+        return_hidden_states_at: Sequence[int] = (),
+    ):
+        cfg = self.config
+        shapes = rope.normalize_img_shapes(img_shapes)
+        batch, n_img, _ = hidden_states.shape
+        n_txt = encoder_hidden_states.shape[1]
+        if rope.num_image_tokens(shapes) != n_img:
+            raise ValueError(f"img_shapes {shapes} give {rope.num_image_tokens(shapes)} tokens, hidden_states has {n_img}")
+        layers = tuple(int(i) for i in return_hidden_states_at)
+        if any(not 0 <= i < cfg.num_layers for i in layers):
+            raise ValueError(f"return_hidden_states_at={layers} must index blocks 0..{cfg.num_layers - 1}")
+
+        img = self.img_in(hidden_states.astype(cfg.jnp_dtype))
+        txt = self.txt_in(self.txt_norm(encoder_hidden_states))
+        temb = self.time_text_embed(timestep)
+        cos, sin = rope.rope_tables(shapes, n_txt, cfg.axes_dims_rope)
+        kv_mask = None
+        if encoder_hidden_states_mask is not None:
+            # Keys only: padded text tokens are never attended; image tokens always are.
+            kv_mask = jnp.concatenate(
+                [encoder_hidden_states_mask.astype(bool), jnp.ones((batch, n_img), bool)], axis=1)
+
+        img, txt, collected = self._run_blocks(img, txt, temb, cos, sin, kv_mask, layers)
+        out = self.proj_out(self.norm_out(img, temb))
+        if return_hidden_states_at:
+            return out, tuple(collected[k] for k in range(len(layers)))
+        return out
+
+    def _run_blocks(self, img, txt, temb, cos, sin, kv_mask, layers):
+        """Scans the stacked blocks; also keeps the image states after the blocks in `layers`."""
+        graphdef, stacked = nnx.split(self.transformer_blocks)
+        wanted = jnp.asarray(layers, jnp.int32)
+        # A (K, B, L_img, D) buffer selected into as the scan passes each wanted block: no copy
+        # of the stacked parameters, no per-layer output stack.
+        collected = jnp.zeros((len(layers),) + img.shape, img.dtype)
+
+        def body(carry, layer):
+            img, txt, collected, index = carry
+            img, txt = nnx.merge(graphdef, layer)(img, txt, temb, cos, sin, kv_mask)
+            if layers:
+                hit = (wanted == index)[:, None, None, None]
+                collected = jnp.where(hit, img[None], collected)
+            return (img, txt, collected, index + 1), None
+
+        body = apply_remat(body, self.config.remat)
+        (img, txt, collected, _), _ = jax.lax.scan(body, (img, txt, collected, jnp.int32(0)), stacked)
+        return img, txt, collected
+
+
+def abstract_model(cfg: TransformerConfig) -> QwenImageTransformer:
+    """The model with `jax.ShapeDtypeStruct` leaves: shapes and dtypes, no memory."""
+    return nnx.eval_shape(lambda: QwenImageTransformer(cfg, rngs=nnx.Rngs(0)))
+
+
+def flatten_params(tree) -> dict[tuple[str, ...], object]:
+    """{path tuple: leaf} of a nested pure dict (or of an nnx.State via `nnx.to_pure_dict`)."""
+    if isinstance(tree, nnx.State):
+        tree = nnx.to_pure_dict(tree)
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, prefix + (str(k),))
+        else:
+            flat[prefix] = node
+
+    walk(tree, ())
+    return flat
+
+
+def unflatten_params(flat: dict[tuple[str, ...], object]) -> dict:
+    tree: dict = {}
+    for path, leaf in flat.items():
+        node = tree
+        for name in path[:-1]:
+            node = node.setdefault(name, {})
+        node[path[-1]] = leaf
+    return tree
+
+
+def abstract_params(cfg: TransformerConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+    """Every parameter's path, shape and dtype (stacked blocks included), computed abstractly."""
+    return flatten_params(nnx.state(abstract_model(cfg), nnx.Param))
+
+
+def count_params(cfg: TransformerConfig) -> int:
+    return sum(int(np.prod(p.shape)) for p in abstract_params(cfg).values())

@@ -1,0 +1,93 @@
+"""Logical axis names for every parameter, and the rules that place them on a device mesh.
+
+Parameters are named by *logical* axes (maxtext style); a rule table maps each logical axis to
+a mesh axis (or None = replicated). A dimension that the mesh axis does not divide, or a mesh
+axis absent from the mesh or already used by the same tensor, stays replicated, so one rule
+table serves any mesh shape.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+# (regex on the "/"-joined parameter path, logical axes of one layer's tensor)
+PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"attn/(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)/kernel$", ("embed", "heads")),
+    (r"attn/(to_q|to_k|to_v|add_q_proj|add_k_proj|add_v_proj)/bias$", ("heads",)),
+    (r"attn/(to_out|to_add_out)/kernel$", ("heads", "embed")),
+    (r"attn/(to_out|to_add_out)/bias$", ("embed",)),
+    (r"attn/norm_\w+/scale$", ("head_dim",)),
+    (r"mlp/proj_in/kernel$", ("embed", "mlp")),
+    (r"mlp/proj_in/bias$", ("mlp",)),
+    (r"mlp/proj_out/kernel$", ("mlp", "embed")),
+    (r"mlp/proj_out/bias$", ("embed",)),
+    (r"(img_mod|txt_mod|norm_out/linear)/kernel$", ("embed", "modulation")),
+    (r"(img_mod|txt_mod|norm_out/linear)/bias$", ("modulation",)),
+    (r"(img_in|timestep_embedder/linear_1)/kernel$", ("input", "embed")),
+    (r"txt_in/kernel$", ("text_embed", "embed")),
+    (r"txt_norm/scale$", ("text_embed",)),
+    (r"timestep_embedder/linear_2/kernel$", ("embed_in", "embed")),
+    (r"proj_out/kernel$", ("embed", "output")),
+    (r"(img_in|txt_in|timestep_embedder/linear_\d)/bias$", ("embed",)),
+    (r"proj_out/bias$", ("output",)),
+)
+STACKED_PREFIX = "transformer_blocks/"
+
+# FSDP over "fsdp" and tensor parallelism over "tensor"; the layer axis is never split.
+DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+    ("layers", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("mlp", "tensor"),
+    ("modulation", "tensor"),
+    ("text_embed", "fsdp"),
+)
+
+
+def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of the parameter at "/"-joined `path` (stacked blocks get "layers" first)."""
+    for pattern, axes in PARAM_LOGICAL_AXES:
+        if re.search(pattern, path):
+            axes = (("layers",) + axes) if path.startswith(STACKED_PREFIX) else axes
+            if len(axes) != ndim:
+                raise ValueError(f"logical axes {axes} do not fit parameter {path} of rank {ndim}")
+            return axes
+    raise ValueError(f"no logical axes declared for parameter {path}")
+
+
+def partition_spec(
+    axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh, rules: Sequence[tuple[str, str | None]]
+) -> PartitionSpec:
+    table = dict(rules)
+    used, spec = set(), []
+    for name, size in zip(axes, shape):
+        mesh_axis = table.get(name) if name else None
+        if mesh_axis is None or mesh_axis not in mesh.shape or mesh_axis in used or size % mesh.shape[mesh_axis]:
+            spec.append(None)
+        else:
+            used.add(mesh_axis)
+            spec.append(mesh_axis)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(
+    flat_shapes: Mapping[tuple[str, ...], Sequence[int]], mesh: Mesh, rules=DEFAULT_RULES
+) -> dict[tuple[str, ...], NamedSharding]:
+    """NamedSharding for every parameter, given {path tuple: shape}."""
+    out = {}
+    for path, shape in flat_shapes.items():
+        joined = "/".join(path)
+        out[path] = NamedSharding(mesh, partition_spec(logical_axes(joined, len(shape)), shape, mesh, rules))
+    return out
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def single_device() -> jax.sharding.Sharding:
+    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
