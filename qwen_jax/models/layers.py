@@ -46,6 +46,11 @@ def layer_norm(x: jax.Array) -> jax.Array:
     return ((x32 - mean) * jax.lax.rsqrt(var + NORM_EPS)).astype(x.dtype)
 
 
+def silu(x: jax.Array) -> jax.Array:
+    """SiLU evaluated in fp32 and rounded once to x's dtype (as torch's fused bf16 kernel does)."""
+    return jax.nn.silu(x.astype(jnp.float32)).astype(x.dtype)
+
+
 def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
     """adaLN modulation `x * (1 + scale) + shift`; shift/scale are per sample (B, D)."""
     return x * (1 + scale[:, None, :]) + shift[:, None, :]
@@ -55,12 +60,10 @@ def timestep_sinusoid(timestep: jax.Array, dim: int = 256, scale: float = 1000.0
     """diffusers `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000)`.
 
     `timestep` is sigma in [0, 1]; the sinusoid sees `scale * sigma`. Output (B, dim) fp32,
-    ordered [cos, sin]. As in diffusers the frequencies are rounded to the timestep's dtype
-    (a bf16 model therefore sees bf16 frequencies) before the fp32 product.
+    ordered [cos, sin]. The frequencies and the product are fp32 whatever the timestep dtype.
     """
     half = dim // 2
     freqs = jnp.exp(-math.log(10000.0) * jnp.arange(half, dtype=jnp.float32) / half)
-    freqs = freqs.astype(timestep.dtype).astype(jnp.float32)
     args = scale * (timestep.astype(jnp.float32)[:, None] * freqs[None, :])
     return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
 
@@ -73,7 +76,7 @@ class TimestepEmbedding(nnx.Module):
         self.linear_2 = linear(cfg, cfg.inner_dim, cfg.inner_dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return self.linear_2(jax.nn.silu(self.linear_1(x)))
+        return self.linear_2(silu(self.linear_1(x)))
 
 
 class TimestepProjEmbeddings(nnx.Module):
@@ -97,7 +100,8 @@ class FeedForward(nnx.Module):
         self.proj_out = linear(cfg, mult * cfg.inner_dim, cfg.inner_dim, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        h = jax.nn.gelu(self.proj_in(x), approximate=True)
+        h = self.proj_in(x)
+        h = jax.nn.gelu(h.astype(jnp.float32), approximate=True).astype(h.dtype)  # one rounding, as torch
         return self.proj_out(jax.ad_checkpoint.checkpoint_name(h, "mlp_hidden"))
 
 
@@ -108,5 +112,5 @@ class AdaLayerNormContinuous(nnx.Module):
         self.linear = linear(cfg, cfg.inner_dim, 2 * cfg.inner_dim, rngs=rngs)
 
     def __call__(self, x: jax.Array, temb: jax.Array) -> jax.Array:
-        scale, shift = jnp.split(self.linear(jax.nn.silu(temb)), 2, axis=-1)
+        scale, shift = jnp.split(self.linear(silu(temb)), 2, axis=-1)
         return modulate(layer_norm(x), shift, scale)

@@ -23,7 +23,7 @@ from qwen_jax.models import rope
 from qwen_jax.models.attention import attention
 from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.layers import (
-    AdaLayerNormContinuous, FeedForward, RMSNorm, TimestepProjEmbeddings, layer_norm, linear, modulate,
+    AdaLayerNormContinuous, FeedForward, RMSNorm, TimestepProjEmbeddings, layer_norm, linear, modulate, silu,
 )
 from qwen_jax.models.remat import apply_remat
 
@@ -68,7 +68,7 @@ class QwenImageTransformerBlock(nnx.Module):
 
     def __call__(self, img, txt, temb, cos, sin, kv_mask):
         # Modulation rows: [shift1 | scale1 | gate1 | shift2 | scale2 | gate2] (attention half first).
-        silu_temb = jax.nn.silu(temb)
+        silu_temb = silu(temb)
         i_shift1, i_scale1, i_gate1, i_shift2, i_scale2, i_gate2 = jnp.split(self.img_mod(silu_temb), 6, axis=-1)
         t_shift1, t_scale1, t_gate1, t_shift2, t_scale2, t_gate2 = jnp.split(self.txt_mod(silu_temb), 6, axis=-1)
 
