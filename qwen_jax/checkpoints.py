@@ -88,7 +88,7 @@ def param_metadata(folder: str | os.PathLike) -> dict[tuple[str, ...], tuple[tup
     path = Path(folder) / PARAMS_DIR
     if not path.is_dir():
         raise ConversionError(f"{folder}: no {PARAMS_DIR}/ checkpoint inside")
-    meta = ocp.pytree_metadata(path).metadata
+    meta = ocp.metadata(path).metadata
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten_params(meta).items()}
 
 
@@ -97,7 +97,7 @@ def read_param(folder: str | os.PathLike, path: tuple[str, ...], shape, dtype) -
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:
-        tree = ocp.load_pytree(Path(folder) / PARAMS_DIR, unflatten_params({path: np.empty(shape, dtype)}))
+        tree = ocp.load(Path(folder) / PARAMS_DIR, unflatten_params({path: np.empty(shape, dtype)}))
     return flatten_params(tree)[path]
 
 
@@ -106,7 +106,7 @@ def save_transformer(model: QwenImageTransformer, folder: str | os.PathLike, ove
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with atomic_output_dir(folder, overwrite=overwrite) as tmp:
         write_config(tmp, model.config)
-        ocp.save_pytree(tmp / PARAMS_DIR, params)
+        ocp.save(tmp / PARAMS_DIR, params)
 
 
 def load_transformer(
@@ -141,6 +141,6 @@ def load_transformer(
     else:
         shardings = {p: sharding_lib.single_device() for p in wanted}
     target = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p]) for p, v in wanted.items()}
-    loaded = ocp.load_pytree(Path(folder) / PARAMS_DIR, unflatten_params(target))
+    loaded = ocp.load(Path(folder) / PARAMS_DIR, unflatten_params(target))
     nnx.replace_by_pure_dict(abstract_state, loaded)
     return nnx.merge(graphdef, abstract_state)

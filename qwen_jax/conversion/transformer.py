@@ -55,7 +55,7 @@ def plan_conversion(cfg: TransformerConfig, shapes: Mapping[str, tuple[int, ...]
     expected = abstract_params(cfg)
     plans = {path: LeafPlan(path, tuple(s.shape), {}) for path, s in expected.items()}
     unexpected, wrong = [], []
-    for key, shape in shapes.items():
+    for key, shape in sorted(shapes.items()):
         if key in _UNSUPPORTED_KEYS:
             raise ConversionError(f"tensor {key!r} marks {_UNSUPPORTED_KEYS[key]}, which is not supported")
         m = keymap.map_key(key)
@@ -67,8 +67,7 @@ def plan_conversion(cfg: TransformerConfig, shapes: Mapping[str, tuple[int, ...]
         if m.flax_shape(shape) != want:
             torch_want = tuple(reversed(want)) if m.transpose else want
             wrong.append(f"{key} {tuple(shape)} vs expected {torch_want}")
-            continue
-        plan.sources[m.layer] = m
+        plan.sources[m.layer] = m  # present (even if misshapen): not "missing"
     missing = []
     for plan in plans.values():
         slots = range(plan.shape[0]) if plan.stacked else [None]
