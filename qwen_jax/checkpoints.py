@@ -26,9 +26,8 @@ from jax.sharding import Mesh
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.models.config import TransformerConfig
-from qwen_jax.models.transformer import (
-    QwenImageTransformer, abstract_model, flatten_params, unflatten_params,
-)
+from qwen_jax.models.transformer import QwenImageTransformer, abstract_model
+from qwen_jax.pytree import flatten_params, unflatten_params
 
 CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
@@ -92,6 +91,15 @@ def param_metadata(folder: str | os.PathLike) -> dict[tuple[str, ...], tuple[tup
     return {k: (tuple(v.shape), np.dtype(v.dtype)) for k, v in flatten_params(meta).items()}
 
 
+def check_stored_params(folder, stored: dict, expected: dict[tuple[str, ...], tuple[int, ...]]) -> None:
+    """Raises unless the stored {path: (shape, dtype)} has exactly the expected paths and shapes."""
+    bad = sorted("/".join(p) for p in set(expected) ^ set(stored))
+    bad += sorted(f"{'/'.join(p)} {stored[p][0]} vs {expected[p]}"
+                  for p in set(expected) & set(stored) if tuple(expected[p]) != tuple(stored[p][0]))
+    if bad:
+        raise ConversionError(f"{folder}: parameters do not match config.json: {', '.join(bad[:8])}")
+
+
 def read_param(folder: str | os.PathLike, path: tuple[str, ...], shape, dtype) -> np.ndarray:
     """One stored parameter as a host numpy array (partial load: nothing else is read)."""
     ctx = ocp.Context()
@@ -132,10 +140,7 @@ def load_transformer(
     cfg = read_config(folder, param_dtype=param_dtype, dtype=dtype or param_dtype, attention=attention, remat=remat)
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     wanted = flatten_params(abstract_state)
-    if set(wanted) != set(stored) or any(tuple(wanted[p].shape) != stored[p][0] for p in wanted):
-        bad = sorted("/".join(p) for p in set(wanted) ^ set(stored))
-        bad += sorted("/".join(p) for p in set(wanted) & set(stored) if tuple(wanted[p].shape) != stored[p][0])
-        raise ConversionError(f"{folder}: parameters do not match config.json: {', '.join(bad[:8])}")
+    check_stored_params(folder, stored, {p: tuple(v.shape) for p, v in wanted.items()})
     if mesh is not None:
         shardings = sharding_lib.param_shardings({p: v.shape for p, v in wanted.items()}, mesh, rules)
     else:

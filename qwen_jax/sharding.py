@@ -12,7 +12,10 @@ import re
 from collections.abc import Mapping, Sequence
 
 import jax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from qwen_jax.pytree import flatten_params, unflatten_params
 
 # (regex on the "/"-joined parameter path, logical axes of one layer's tensor)
 PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
@@ -83,6 +86,17 @@ def param_shardings(
         joined = "/".join(path)
         out[path] = NamedSharding(mesh, partition_spec(logical_axes(joined, len(shape)), shape, mesh, rules))
     return out
+
+
+def place_state(state, mesh: Mesh, rules=DEFAULT_RULES):
+    """An nnx.State of model parameters moved onto `mesh`, each parameter in its sharding."""
+    pure = nnx.to_pure_dict(state)
+    flat = flatten_params(pure)
+    shardings = param_shardings({p: v.shape for p, v in flat.items()}, mesh, rules)
+    placed = jax.device_put(pure, unflatten_params(shardings))
+    state = jax.tree.map(lambda x: x, state)  # a copy to fill, leaving the caller's intact
+    nnx.replace_by_pure_dict(state, placed)
+    return state
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

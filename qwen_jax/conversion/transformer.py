@@ -26,7 +26,8 @@ from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.conversion.safetensors_io import read_tensor, write_safetensors
 from qwen_jax.conversion.sources import open_transformer_source
 from qwen_jax.models.config import TransformerConfig
-from qwen_jax.models.transformer import abstract_params, flatten_params, unflatten_params
+from qwen_jax.models.transformer import abstract_params
+from qwen_jax.pytree import flatten_params, unflatten_params
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
 _UNSUPPORTED_KEYS = {"__index_timestep_zero__": "a zero_cond_t (Qwen-Image-Edit-2511) checkpoint"}
@@ -199,11 +200,7 @@ def flax_to_diffusers(
     """Writes a transformer folder back as a diffusers folder (config.json, shards, index json)."""
     cfg = checkpoints.read_config(src)
     stored = checkpoints.param_metadata(src)
-    expected = abstract_params(cfg)
-    bad = sorted("/".join(p) for p in set(expected) ^ set(stored))
-    bad += sorted("/".join(p) for p in set(expected) & set(stored) if tuple(expected[p].shape) != stored[p][0])
-    if bad:
-        raise ConversionError(f"{src}: parameters do not match config.json: {', '.join(bad[:8])}")
+    checkpoints.check_stored_params(src, stored, {p: tuple(v.shape) for p, v in abstract_params(cfg).items()})
     limit = _parse_size(max_shard_size)
 
     # Tensors in leaf order, so that each shard needs at most a couple of stored leaves at a time.

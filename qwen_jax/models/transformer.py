@@ -20,6 +20,7 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qwen_jax.models import rope
+from qwen_jax.pytree import flatten_params
 from qwen_jax.models.attention import attention
 from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.layers import (
@@ -173,33 +174,6 @@ class QwenImageTransformer(nnx.Module):
 def abstract_model(cfg: TransformerConfig) -> QwenImageTransformer:
     """The model with `jax.ShapeDtypeStruct` leaves: shapes and dtypes, no memory."""
     return nnx.eval_shape(lambda: QwenImageTransformer(cfg, rngs=nnx.Rngs(0)))
-
-
-def flatten_params(tree) -> dict[tuple[str, ...], object]:
-    """{path tuple: leaf} of a nested pure dict (or of an nnx.State via `nnx.to_pure_dict`)."""
-    if isinstance(tree, nnx.State):
-        tree = nnx.to_pure_dict(tree)
-    flat = {}
-
-    def walk(node, prefix):
-        if isinstance(node, dict):
-            for k, v in node.items():
-                walk(v, prefix + (str(k),))
-        else:
-            flat[prefix] = node
-
-    walk(tree, ())
-    return flat
-
-
-def unflatten_params(flat: dict[tuple[str, ...], object]) -> dict:
-    tree: dict = {}
-    for path, leaf in flat.items():
-        node = tree
-        for name in path[:-1]:
-            node = node.setdefault(name, {})
-        node[path[-1]] = leaf
-    return tree
 
 
 def abstract_params(cfg: TransformerConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
