@@ -89,6 +89,7 @@ def open_transformer_source(src: str | Path) -> TransformerSource:
                 raise ConversionError(f"tensor {key!r} appears twice ({tensors[key].path.name} and {f.name})")
             tensors[key] = info
     config = _read_json(config_path) if config_path.is_file() else None
-    if config is not None and config.get("_class_name", "QwenImageTransformer2DModel") != "QwenImageTransformer2DModel":
-        config = None if not src.is_dir() else config  # a foreign config beside a single file is not ours
+    foreign = config is not None and config.get("_class_name", "QwenImageTransformer2DModel") != "QwenImageTransformer2DModel"
+    if foreign and src.is_file():
+        config = None  # some other model's config.json that happens to sit beside a single file
     return TransformerSource(src, tensors, config)

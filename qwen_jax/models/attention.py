@@ -12,12 +12,21 @@ import jax.numpy as jnp
 
 
 def _xla(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None) -> jax.Array:
+    # One head at a time (lax.map): only (B, S, S) logits are live instead of (B, H, S, S).
+    # That bounds memory on accelerators and keeps the logits in cache on CPU, where it is
+    # ~3.5x faster than the all-heads einsum at 1k tokens.
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
-    if kv_mask is not None:
-        logits = jnp.where(kv_mask[:, None, None, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs, v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+    def one_head(qkv):
+        qh, kh, vh = qkv  # (B, S, Dh)
+        logits = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32) * scale
+        if kv_mask is not None:
+            logits = jnp.where(kv_mask[:, None, :], logits, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(logits, axis=-1).astype(vh.dtype)
+        return jnp.einsum("bqk,bkd->bqd", probs, vh, preferred_element_type=jnp.float32).astype(q.dtype)
+
+    heads_first = tuple(jnp.moveaxis(t, 2, 0) for t in (q, k, v))
+    return jnp.moveaxis(jax.lax.map(one_head, heads_first), 0, 2)
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None) -> jax.Array:

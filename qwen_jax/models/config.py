@@ -25,6 +25,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from qwen_jax.models.attention import ATTENTION_FNS
+from qwen_jax.models.remat import REMAT_POLICIES
+
 # Fields that describe the network and are stored with a checkpoint (diffusers names).
 ARCHITECTURE_FIELDS = (
         "patch_size",
@@ -41,7 +44,6 @@ ARCHITECTURE_FIELDS = (
 # one of them on is a different model that this port does not implement.
 _UNSUPPORTED_TRUE_FLAGS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
 
-ATTENTION_IMPLS = ("xla", "cudnn", "splash")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -82,8 +84,10 @@ class TransformerConfig:
         for name in ("param_dtype", "dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-        if self.attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention must be one of {ATTENTION_IMPLS}, got {self.attention!r}")
+        if self.attention not in ATTENTION_FNS:
+            raise ValueError(f"attention must be one of {sorted(ATTENTION_FNS)}, got {self.attention!r}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
 
     # ---- derived sizes -------------------------------------------------------------------------
     @property
