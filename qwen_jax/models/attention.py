@@ -29,12 +29,39 @@ def _xla(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None) ->
     return jnp.moveaxis(jax.lax.map(one_head, heads_first), 0, 2)
 
 
+def _keys_valid_first(k, v, kv_mask):
+    """Reorders keys/values so each sample's attendable keys come first; returns their count.
+
+    Attention does not depend on key order (RoPE is already applied), and fused kernels express
+    padding as "the first n keys are real" far more cheaply than as a dense (S, S) mask.
+    """
+    order = jnp.argsort(~kv_mask, axis=1, stable=True)[:, :, None, None]
+    lengths = jnp.sum(kv_mask, axis=1, dtype=jnp.int32)
+    return jnp.take_along_axis(k, order, axis=1), jnp.take_along_axis(v, order, axis=1), lengths
+
+
+def _fused(q, k, v, kv_mask, implementation):
+    """jax.nn.dot_product_attention with padding given as key lengths, on an even-length sequence."""
+    n = q.shape[1]
+    if kv_mask is None:
+        lengths = jnp.full((q.shape[0],), n, jnp.int32)
+    else:
+        k, v, lengths = _keys_valid_first(k, v, kv_mask)
+    # cuDNN's training kernels need even sequence lengths; pad to a multiple of 64 (padded keys
+    # lie beyond `lengths`, padded query rows are dropped).
+    pad = -n % 64
+    q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
+    full = jnp.full(lengths.shape, n, jnp.int32)
+    out = jax.nn.dot_product_attention(
+        q, k, v, query_seq_lengths=full, key_value_seq_lengths=lengths, implementation=implementation)
+    return out[:, :n]
+
+
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None) -> jax.Array:
     # cuDNN fused (flash) attention: GPU only, bf16/fp16 inputs, head_dim a multiple of 8.
     if q.dtype not in (jnp.bfloat16, jnp.float16):
         raise ValueError(f"attention='cudnn' needs bf16/fp16 activations, got {q.dtype}; set dtype='bfloat16'")
-    mask = None if kv_mask is None else kv_mask[:, None, None, :]
-    return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+    return _fused(q, k, v, kv_mask, "cudnn")
 
 
 def _splash(q, k, v, kv_mask):
