@@ -1,9 +1,8 @@
-"""Finding a transformer checkpoint on disk: diffusers folders (sharded or not) and single files.
+"""Finding a component checkpoint on disk: diffusers folders (sharded or not) and single files.
 
-Accepted sources:
+Accepted sources (shown for the transformer; the VAE and text encoder work alike):
   * a diffusers pipeline folder (uses its `transformer/` subfolder) or a `transformer/` folder:
-    config.json plus `diffusion_pytorch_model.safetensors`, or shards listed by
-    `diffusion_pytorch_model.safetensors.index.json`;
+    config.json plus `*.safetensors`, or shards listed by a `*.safetensors.index.json`;
   * a single .safetensors file: diffusers names, or ComfyUI's with `model.diffusion_model.`
     prefixes (a config.json beside it is used when present).
 Pickle checkpoints (.bin/.pt/.ckpt...) are refused, never opened.
@@ -22,7 +21,7 @@ COMFY_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
 
 
 @dataclasses.dataclass
-class TransformerSource:
+class CheckpointSource:
     """The tensors of a checkpoint (by diffusers key) and its config.json, if one was found."""
 
     path: Path
@@ -63,13 +62,17 @@ def _weight_files(folder: Path) -> list[Path]:
     return files
 
 
-def open_transformer_source(src: str | Path) -> TransformerSource:
-    """Validates every header of the checkpoint at `src` and indexes its tensors by key."""
+def open_source(src: str | Path, subfolder: str = "transformer", class_name: str = "QwenImageTransformer2DModel") -> CheckpointSource:
+    """Validates every header of the checkpoint at `src` and indexes its tensors by key.
+
+    `subfolder` is used when `src` is a whole pipeline folder; `class_name` is the config's
+    expected `_class_name` (a different one beside a single file is ignored as foreign).
+    """
     src = Path(src)
     if not src.exists():
         raise ConversionError(f"{src}: no such file or folder")
     if src.is_dir():
-        folder = src / "transformer" if (src / "transformer").is_dir() else src
+        folder = src / subfolder if (src / subfolder).is_dir() else src
         files = _weight_files(folder)
         config_path = folder / "config.json"
     else:
@@ -89,7 +92,7 @@ def open_transformer_source(src: str | Path) -> TransformerSource:
                 raise ConversionError(f"tensor {key!r} appears twice ({tensors[key].path.name} and {f.name})")
             tensors[key] = info
     config = _read_json(config_path) if config_path.is_file() else None
-    foreign = config is not None and config.get("_class_name", "QwenImageTransformer2DModel") != "QwenImageTransformer2DModel"
+    foreign = config is not None and config.get("_class_name", class_name) != class_name
     if foreign and src.is_file():
         config = None  # some other model's config.json that happens to sit beside a single file
-    return TransformerSource(src, tensors, config)
+    return CheckpointSource(src, tensors, config)

@@ -10,11 +10,10 @@ names the missing, unexpected and wrong-shape keys.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -23,83 +22,26 @@ from tqdm.auto import tqdm
 from qwen_jax import checkpoints
 from qwen_jax.conversion import transformer_keys as keymap
 from qwen_jax.conversion.errors import ConversionError
+from qwen_jax.conversion.plan import Plan, assemble_leaf, plan_conversion
 from qwen_jax.conversion.safetensors_io import read_tensor, write_safetensors
-from qwen_jax.conversion.sources import open_transformer_source
+from qwen_jax.conversion.sources import open_source
 from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.transformer import abstract_params
 from qwen_jax.pytree import flatten_params, unflatten_params
 
 WEIGHTS_NAME = "diffusion_pytorch_model"
-_UNSUPPORTED_KEYS = {"__index_timestep_zero__": "a zero_cond_t (Qwen-Image-Edit-2511) checkpoint"}
 
 
-@dataclasses.dataclass
-class LeafPlan:
-    """One Flax parameter and the source tensors that fill it (one per layer when stacked)."""
-
-    path: tuple[str, ...]
-    shape: tuple[int, ...]
-    sources: dict[int | None, keymap.KeyMapping]  # layer index (None: not stacked) -> source
-
-    @property
-    def stacked(self) -> bool:
-        return self.path[0] == keymap.BLOCKS
-
-
-def _listing(label: str, items: list[str], limit: int = 6) -> str:
-    shown = ", ".join(items[:limit]) + (f", ... ({len(items) - limit} more)" if len(items) > limit else "")
-    return f"{len(items)} {label} ({shown})"
-
-
-def plan_conversion(cfg: TransformerConfig, shapes: Mapping[str, tuple[int, ...]]) -> list[LeafPlan]:
+def plan_transformer(cfg: TransformerConfig, shapes: Mapping[str, tuple[int, ...]]) -> Plan:
     """Matches source keys {key: torch shape} to the Flax tree of `cfg`; raises on any mismatch."""
-    expected = abstract_params(cfg)
-    plans = {path: LeafPlan(path, tuple(s.shape), {}) for path, s in expected.items()}
-    unexpected, wrong = [], []
-    for key, shape in sorted(shapes.items()):
-        if key in _UNSUPPORTED_KEYS:
-            raise ConversionError(f"tensor {key!r} marks {_UNSUPPORTED_KEYS[key]}, which is not supported")
-        m = keymap.map_key(key)
-        plan = plans.get(m.flax_path) if m else None
-        if plan is None or (m.layer is not None and m.layer >= cfg.num_layers):
-            unexpected.append(key)
-            continue
-        want = plan.shape[1:] if m.layer is not None else plan.shape
-        if m.flax_shape(shape) != want:
-            torch_want = tuple(reversed(want)) if m.transpose else want
-            wrong.append(f"{key} {tuple(shape)} vs expected {torch_want}")
-        plan.sources[m.layer] = m  # present (even if misshapen): not "missing"
-    missing = []
-    for plan in plans.values():
-        slots = range(plan.shape[0]) if plan.stacked else [None]
-        for layer in slots:
-            if layer not in plan.sources:
-                missing.append(keymap.torch_key(plan.path, layer))
-    if missing or unexpected or wrong:
-        parts = [_listing(label, items) for label, items in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong)) if items]
-        raise ConversionError("checkpoint does not match the model config: " + "; ".join(parts))
-    return list(plans.values())
-
-
-def assemble_leaf(plan: LeafPlan, get: Callable[[str], np.ndarray], dtype: np.dtype | None = None) -> np.ndarray:
-    """The Flax array of one leaf, built from its source tensors (transposed, stacked, cast)."""
-    first = get(next(iter(plan.sources.values())).torch_key)
-    out = np.empty(plan.shape, dtype or first.dtype)
-    for layer, m in plan.sources.items():
-        value = get(m.torch_key)
-        value = value.T if m.transpose else value
-        if layer is None:
-            out[...] = value
-        else:
-            out[layer] = value
-    return out
+    expected = {path: tuple(s.shape) for path, s in abstract_params(cfg).items()}
+    return plan_conversion(expected, shapes, keymap.TABLE)
 
 
 def state_dict_to_params(cfg: TransformerConfig, state_dict: Mapping[str, np.ndarray], dtype=None) -> dict:
     """In-memory conversion of a {diffusers key: numpy array} dict to the nested Flax params."""
-    plans = plan_conversion(cfg, {k: tuple(v.shape) for k, v in state_dict.items()})
-    return unflatten_params({plan.path: assemble_leaf(plan, state_dict.__getitem__, dtype) for plan in plans})
+    plan = plan_transformer(cfg, {k: tuple(v.shape) for k, v in state_dict.items()})
+    return unflatten_params({leaf.path: assemble_leaf(leaf, state_dict.__getitem__, dtype) for leaf in plan.leaves})
 
 
 def params_to_state_dict(params: Mapping) -> dict[str, np.ndarray]:
@@ -157,10 +99,10 @@ def diffusers_to_flax(
     dtype: output parameter dtype (default: keep each tensor's stored dtype, e.g. bf16 stays bf16).
     config: a diffusers config.json to use instead of the one found with (or inferred from) `src`.
     """
-    source = open_transformer_source(src)
+    source = open_source(src)
     shapes = {k: info.shape for k, info in source.tensors.items()}
     cfg = _config_from(source.config, config, shapes)
-    plans = plan_conversion(cfg, shapes)
+    plan = plan_transformer(cfg, shapes)
     out_dtype = np.dtype(dtype) if dtype else None
 
     def get(key):
@@ -171,9 +113,9 @@ def diffusers_to_flax(
         checkpoints.write_config(tmp, cfg)
         writer = checkpoints.ParamWriter(tmp)
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
-            for plan in plans:
-                writer.add(plan.path, assemble_leaf(plan, get, out_dtype))
-                bar.update(sum(source.tensors[m.torch_key].nbytes for m in plan.sources.values()))
+            for leaf in plan.leaves:
+                writer.add(leaf.path, assemble_leaf(leaf, get, out_dtype))
+                bar.update(sum(source.tensors[m.torch_key].nbytes for m in leaf.sources.values()))
         writer.finalize()
     return cfg
 

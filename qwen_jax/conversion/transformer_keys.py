@@ -8,9 +8,9 @@ i of its leading layer axis. Linear weights are stored transposed ((out, in) in 
 
 from __future__ import annotations
 
-import dataclasses
 import re
 
+from qwen_jax.conversion.plan import KeyMapping, KeyTable
 from qwen_jax.models.config import TransformerConfig
 
 # diffusers module -> Flax module path, for Linears (weight+bias) and RMSNorms (weight).
@@ -49,26 +49,13 @@ BLOCKS = "transformer_blocks"
 _BLOCK_KEY = re.compile(rf"^{BLOCKS}\.(\d+)\.(.+)$")
 
 
-@dataclasses.dataclass(frozen=True)
-class KeyMapping:
-    """Where one diffusers tensor lives in the Flax tree."""
-
-    torch_key: str
-    flax_path: tuple[str, ...]
-    layer: int | None  # index on the stacked layer axis, None for top-level parameters
-    transpose: bool  # torch Linear weight (out, in) <-> Flax kernel (in, out)
-
-    def flax_shape(self, torch_shape) -> tuple[int, ...]:
-        """Shape of this tensor's slice in the Flax tree (without the layer axis)."""
-        return tuple(reversed(torch_shape)) if self.transpose else tuple(torch_shape)
-
-
 def _leaf(module_key: str, tensor: str, linears: dict, norms: dict):
-    """(flax path, transpose) for `<module_key>.<tensor>`, or None when not a known tensor."""
+    """(flax path, transform) for `<module_key>.<tensor>`, or None when not a known tensor."""
     if module_key in linears and tensor in ("weight", "bias"):
-        return tuple(linears[module_key].split(".")) + ("kernel" if tensor == "weight" else "bias",), tensor == "weight"
+        leaf, transform = ("kernel", "linear") if tensor == "weight" else ("bias", "identity")
+        return tuple(linears[module_key].split(".")) + (leaf,), transform
     if module_key in norms and tensor == "weight":
-        return tuple(norms[module_key].split(".")) + ("scale",), False
+        return tuple(norms[module_key].split(".")) + ("scale",), "identity"
     return None
 
 
@@ -116,6 +103,14 @@ def torch_key(flax_path: tuple[str, ...], layer: int | None) -> str:
     if module and module[0] == BLOCKS:
         return f"{BLOCKS}.{layer}.{_FLAX_TO_TORCH_BLOCK[module[1:]]}.{tensor}"
     return f"{_FLAX_TO_TORCH_TOP[module]}.{tensor}"
+
+
+TABLE = KeyTable(
+    map_key=lambda key: map_key(key),
+    slot_name=lambda path, layer: torch_key(path, layer),
+    stacked=(BLOCKS,),
+    unsupported={"__index_timestep_zero__": "a zero_cond_t (Qwen-Image-Edit-2511) checkpoint"},
+)
 
 
 def torch_keys_for(flax_path: tuple[str, ...], shape) -> list[tuple[int | None, str, bool]]:
