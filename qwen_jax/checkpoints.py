@@ -56,9 +56,9 @@ def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterat
         shutil.rmtree(Path(str(tmp / PARAMS_DIR) + ".partial_save"), ignore_errors=True)
 
 
-def write_config(folder: Path, cfg: TransformerConfig) -> None:
-    with open(folder / CONFIG_FILE, "w") as f:
-        json.dump(cfg.to_diffusers_config(), f, indent=2, sort_keys=True)
+def write_config(folder: Path, config: dict) -> None:
+    with open(Path(folder) / CONFIG_FILE, "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
 
 
 def read_config(folder: str | os.PathLike, **runtime) -> TransformerConfig:
@@ -113,7 +113,7 @@ def save_transformer(model: QwenImageTransformer, folder: str | os.PathLike, ove
     """Writes a model (its config and parameters) as a transformer folder, atomically."""
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with atomic_output_dir(folder, overwrite=overwrite) as tmp:
-        write_config(tmp, model.config)
+        write_config(tmp, model.config.to_diffusers_config())
         ocp.save(tmp / PARAMS_DIR, params)
 
 

@@ -23,7 +23,8 @@ from qwen_jax import checkpoints
 from qwen_jax.conversion import transformer_keys as keymap
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.conversion.plan import Plan, assemble_leaf, plan_conversion
-from qwen_jax.conversion.safetensors_io import read_tensor, write_safetensors
+from qwen_jax.conversion.component import write_component
+from qwen_jax.conversion.safetensors_io import write_safetensors
 from qwen_jax.conversion.sources import open_source
 from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.transformer import abstract_params
@@ -103,20 +104,8 @@ def diffusers_to_flax(
     shapes = {k: info.shape for k, info in source.tensors.items()}
     cfg = _config_from(source.config, config, shapes)
     plan = plan_transformer(cfg, shapes)
-    out_dtype = np.dtype(dtype) if dtype else None
-
-    def get(key):
-        return read_tensor(source.tensors[key])
-
-    total = sum(info.nbytes for info in source.tensors.values())
     with checkpoints.atomic_output_dir(dst, overwrite=overwrite) as tmp:
-        checkpoints.write_config(tmp, cfg)
-        writer = checkpoints.ParamWriter(tmp)
-        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
-            for leaf in plan.leaves:
-                writer.add(leaf.path, assemble_leaf(leaf, get, out_dtype))
-                bar.update(sum(source.tensors[m.torch_key].nbytes for m in leaf.sources.values()))
-        writer.finalize()
+        write_component(tmp, cfg.to_diffusers_config(), source, plan, dtype, progress, desc="transformer")
     return cfg
 
 
