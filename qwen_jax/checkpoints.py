@@ -117,6 +117,27 @@ def save_transformer(model: QwenImageTransformer, folder: str | os.PathLike, ove
         ocp.save(tmp / PARAMS_DIR, params)
 
 
+def stored_dtype(folder: str | os.PathLike) -> str:
+    """The parameter dtype of a stored component (that of its first leaf)."""
+    return np.dtype(next(iter(param_metadata(folder).values()))[1]).name
+
+
+def load_into(folder: str | os.PathLike, abstract: nnx.Module, shardings=None) -> nnx.Module:
+    """Reads a component's parameters into the abstract module `abstract` (from nnx.eval_shape).
+
+    shardings: {path: Sharding} to restore each parameter straight into (default: one device).
+    Stored parameters are cast to the abstract module's dtypes while loading.
+    """
+    graphdef, abstract_state = nnx.split(abstract)
+    wanted = flatten_params(abstract_state)
+    check_stored_params(folder, param_metadata(folder), {p: tuple(v.shape) for p, v in wanted.items()})
+    shardings = shardings or {p: sharding_lib.single_device() for p in wanted}
+    target = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p]) for p, v in wanted.items()}
+    loaded = ocp.load(Path(folder) / PARAMS_DIR, unflatten_params(target))
+    nnx.replace_by_pure_dict(abstract_state, loaded)
+    return nnx.merge(graphdef, abstract_state)
+
+
 def load_transformer(
     folder: str | os.PathLike,
     *,
@@ -134,18 +155,11 @@ def load_transformer(
     mesh: place every parameter straight into its sharding on this mesh (`rules` map logical
       axes to mesh axes); without one, parameters land on the default device.
     """
-    stored = param_metadata(folder)
-    if param_dtype is None:
-        param_dtype = np.dtype(next(iter(stored.values()))[1]).name
+    param_dtype = param_dtype or stored_dtype(folder)
     cfg = read_config(folder, param_dtype=param_dtype, dtype=dtype or param_dtype, attention=attention, remat=remat)
-    graphdef, abstract_state = nnx.split(abstract_model(cfg))
-    wanted = flatten_params(abstract_state)
-    check_stored_params(folder, stored, {p: tuple(v.shape) for p, v in wanted.items()})
+    abstract = abstract_model(cfg)
+    shardings = None
     if mesh is not None:
-        shardings = sharding_lib.param_shardings({p: v.shape for p, v in wanted.items()}, mesh, rules)
-    else:
-        shardings = {p: sharding_lib.single_device() for p in wanted}
-    target = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p]) for p, v in wanted.items()}
-    loaded = ocp.load(Path(folder) / PARAMS_DIR, unflatten_params(target))
-    nnx.replace_by_pure_dict(abstract_state, loaded)
-    return nnx.merge(graphdef, abstract_state)
+        shapes = {p: v.shape for p, v in flatten_params(nnx.state(abstract)).items()}
+        shardings = sharding_lib.param_shardings(shapes, mesh, rules)
+    return load_into(folder, abstract, shardings)

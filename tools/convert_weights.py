@@ -2,10 +2,11 @@
 """Convert Qwen-Image transformer weights between diffusers/ComfyUI safetensors and qwen_jax.
 
   python tools/convert_weights.py SRC DST                      # PyTorch (diffusers/ComfyUI) -> Flax
-  python tools/convert_weights.py --to diffusers SRC DST       # Flax -> diffusers folder
+  python tools/convert_weights.py --to diffusers SRC DST       # Flax transformer -> diffusers folder
 
-SRC for the default direction: a diffusers pipeline folder, its transformer/ folder (sharded or
-not), or one .safetensors file (ComfyUI prefixes are stripped). DST must not exist or be empty;
+SRC for the default direction: a whole Qwen-Image folder (transformer, vae and text_encoder are
+converted, tokenizer and scheduler copied), a transformer/ folder (sharded or not), or one
+.safetensors transformer file (ComfyUI prefixes are stripped). DST must not exist or be empty;
 it appears only when the conversion has fully succeeded. Pickle files are refused.
 """
 
@@ -15,6 +16,7 @@ import argparse
 import sys
 
 from qwen_jax.conversion.errors import ConversionError
+from qwen_jax.conversion.pipeline import convert_pipeline, is_pipeline_folder
 from qwen_jax.conversion.transformer import diffusers_to_flax, flax_to_diffusers
 
 
@@ -31,7 +33,13 @@ def main(argv=None) -> int:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     try:
-        if args.to == "flax":
+        if args.to == "flax" and is_pipeline_folder(args.src):
+            if args.config:
+                parser.error("--config applies to single transformer checkpoints only")
+            for line in convert_pipeline(args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite,
+                                         progress=not args.quiet):
+                print(line)
+        elif args.to == "flax":
             diffusers_to_flax(args.src, args.dst, dtype=args.dtype, config=args.config,
                               overwrite=args.overwrite, progress=not args.quiet)
         else:

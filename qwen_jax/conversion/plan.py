@@ -100,7 +100,11 @@ def plan_conversion(
             unexpected.append(key)
             continue
         want = leaf.shape[1:] if leaf.stacked else leaf.shape
-        if m.flax_shape(shape) != want:
+        try:
+            got = m.flax_shape(shape)
+        except IndexError:  # a tensor of the wrong rank for its transform
+            got = None
+        if got != want:
             inverse = TRANSFORMS[m.transform][2]
             wrong.append(f"{key} {tuple(shape)} vs expected {tuple(inverse(want)) if inverse else want}")
         leaf.sources[m.layer] = m  # present, even if misshapen: not "missing"

@@ -1,0 +1,226 @@
+"""Text to image, end to end: `Pipeline.from_pretrained(folder)(prompts, ...)`.
+
+    prompts --tokenizer--> ids --text encoder (jit)--> prompt states, mask
+    seeds --> noise (B, L_img, 64) --sampler (one jit: all steps, CFG)--> latents
+    latents --unpack, denormalise, VAE decode (jit)--> images in [0, 1]
+
+The teacher is the shipped schedule with true CFG (`num_steps=50, guidance=4`, a negative
+prompt); a few-step student is the same pipeline built with `SchedulerConfig.fixed_shift(3)`
+and run with `num_steps=2, guidance=1` (sigmas 1.0, 0.75). See `qwen_jax.sampling.sampler`
+for what triggers a compilation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from qwen_jax import checkpoints, flow
+from qwen_jax.conversion.errors import ConversionError
+from qwen_jax.conversion.pipeline import convert_pipeline, is_pipeline_folder
+from qwen_jax.models import vae as vae_lib
+from qwen_jax.models.latents import denormalize_latents, pack_latents, unpack_latents
+from qwen_jax.models.text_encoder import QwenTextEncoder, TextEncoderConfig
+from qwen_jax.models.text_encoder import abstract_model as abstract_text_encoder
+from qwen_jax.sampling import prompts as prompt_lib
+from qwen_jax.sampling import sampler
+
+# Qwen-Image's recommended sizes (width, height) at ~1.3 MP, and the same shapes at 2K.
+ASPECT_RATIOS = {"1:1": (1328, 1328), "16:9": (1664, 928), "9:16": (928, 1664), "4:3": (1472, 1104),
+                 "3:4": (1104, 1472), "3:2": (1584, 1056), "2:3": (1056, 1584)}
+ASPECT_RATIOS_2K = {k: (16 * round(w * 2048 / 1328 / 16), 16 * round(h * 2048 / 1328 / 16))
+                    for k, (w, h) in ASPECT_RATIOS.items()}
+PIXELS_PER_TOKEN = 16  # 8x VAE downsampling times 2x2 packing
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QWEN_JAX_CACHE", Path.home() / ".cache" / "qwen_jax")) / "converted"
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    images: list  # PIL.Image.Image, one per image
+    array: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+
+
+class Pipeline:
+    """Qwen-Image text-to-image in JAX. Build with `from_pretrained`; call with prompts."""
+
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler: flow.SchedulerConfig):
+        self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
+        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.graphdef, self.state = nnx.split(transformer)
+        self.encode_text = prompt_lib.jit_encoder(text_encoder)
+        vae_graphdef, self.vae_state = nnx.split(vae)
+        self._decode = jax.jit(lambda s, z: nnx.merge(vae_graphdef, s).decode(z))
+
+    # ---- loading -------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | os.PathLike, *, dtype: str | None = None, attention: str = "xla",
+        scheduler: flow.SchedulerConfig | None = None, cache_dir: str | os.PathLike | None = None,
+    ) -> "Pipeline":
+        """Loads a converted qwen_jax folder; converts a diffusers folder or hub id first (once).
+
+        name_or_path: a folder written by `tools/convert_weights.py`, a diffusers Qwen-Image
+          folder, or a hub id such as "Qwen/Qwen-Image" (downloaded with huggingface_hub).
+          Conversions are cached under `cache_dir` (default $QWEN_JAX_CACHE/converted or
+          ~/.cache/qwen_jax/converted) and reused.
+        dtype: parameter and compute dtype of all components (default: as stored).
+        scheduler: overrides the folder's scheduler (e.g. `SchedulerConfig.fixed_shift(3)` for a
+          few-step student).
+        """
+        folder = resolve_folder(name_or_path, cache_dir)
+        from transformers import AutoTokenizer
+
+        transformer = checkpoints.load_transformer(folder / "transformer", param_dtype=dtype, attention=attention)
+        vae = load_vae(folder / "vae", dtype)
+        text_encoder = load_text_encoder(folder / "text_encoder", dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
+        if scheduler is None:
+            with open(folder / "scheduler" / "scheduler_config.json") as f:
+                scheduler = flow.SchedulerConfig.from_diffusers_config(json.load(f))
+        return cls(transformer, vae, text_encoder, tokenizer, scheduler)
+
+    # ---- the steps -----------------------------------------------------------------------------
+    def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512):
+        """(prompt states (B, T, D), mask (B, T)) as diffusers' `encode_prompt` computes them."""
+        return prompt_lib.encode_prompts(prompts, self.tokenizer, self.encode_text,
+                                         max_sequence_length=max_sequence_length)
+
+    def decode_latents(self, latents: jax.Array, height: int, width: int) -> jax.Array:
+        """Packed latents (B, L_img, 4C) -> images (B, H, W, 3) in [0, 1]."""
+        cfg = self.vae.cfg
+        z = unpack_latents(latents, 2 * (height // PIXELS_PER_TOKEN), 2 * (width // PIXELS_PER_TOKEN))
+        z = denormalize_latents(z.astype(cfg.jnp_dtype), cfg.latents_mean, cfg.latents_std)
+        return jnp.clip(self._decode(self.vae_state, z).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    def sigmas(self, num_steps: int, image_seq_len: int, sigmas: Sequence[float] | None = None) -> np.ndarray:
+        return flow.sampling_sigmas(num_steps, self.scheduler, image_seq_len=image_seq_len, sigmas=sigmas)
+
+    def __call__(
+        self,
+        prompts: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        *,
+        height: int = 1024,
+        width: int = 1024,
+        num_steps: int = 50,
+        guidance: float = 4.0,
+        seed: int | Sequence[int] = 0,
+        latents: np.ndarray | jax.Array | None = None,
+        sigmas: Sequence[float] | None = None,
+        max_sequence_length: int = 512,
+        stochastic: bool = False,
+    ) -> PipelineOutput:
+        """Images for `prompts` (one image per prompt).
+
+        True CFG runs when `guidance > 1` and a negative prompt is given (as in diffusers).
+        seed: an int (image i uses seed + i) or one seed per image; `latents` (B, L_img, 64)
+        packed, overrides the seeds. `sigmas` overrides the base grid of the schedule.
+        """
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
+            raise ValueError(f"height and width must be multiples of {PIXELS_PER_TOKEN}, got {height}x{width}")
+        grid = (1, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
+        n_img = grid[1] * grid[2]
+        channels = self.transformer.config.in_channels
+        if latents is None:
+            seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+            if len(seeds) != len(prompts):
+                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
+            noise = sampler.initial_noise(seeds, (2 * grid[1], 2 * grid[2], channels // 4))
+            latents = pack_latents(noise)
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.shape != (len(prompts), n_img, channels):
+            raise ValueError(f"latents must be {(len(prompts), n_img, channels)}, got {latents.shape}")
+
+        text, mask = self.encode_prompt(prompts, max_sequence_length)
+        neg_text = neg_mask = None
+        if guidance > 1 and negative_prompt is not None:
+            negatives = [negative_prompt] * len(prompts) if isinstance(negative_prompt, str) else list(negative_prompt)
+            neg_text, neg_mask = self.encode_prompt(negatives, max_sequence_length)
+        length = sampler.bucket_length(max(text.shape[1], 0 if neg_text is None else neg_text.shape[1]))
+        text, mask = sampler.pad_text(text, mask, length)
+        if neg_text is not None:
+            neg_text, neg_mask = sampler.pad_text(neg_text, neg_mask, length)
+
+        sig = self.sigmas(num_steps, n_img, sigmas)
+        dtype = self.transformer.config.jnp_dtype
+        out = sampler.sample(
+            self.graphdef, self.state, latents.astype(dtype), jnp.asarray(sig), jnp.asarray(flow.model_time(sig[:-1])),
+            text.astype(dtype), mask, None if neg_text is None else neg_text.astype(dtype), neg_mask,
+            jnp.float32(guidance), jax.random.key(int(np.sum(seed)) if latents is None else 0),
+            img_shapes=(grid,), stochastic=stochastic)
+        images = np.asarray(self.decode_latents(out, height, width))
+        return PipelineOutput([to_pil(img) for img in images], images)
+
+
+def to_pil(image: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
+
+
+def load_vae(folder: Path, dtype: str | None = None) -> vae_lib.AutoencoderKLQwenImage:
+    dtype = dtype or checkpoints.stored_dtype(folder)
+    with open(folder / checkpoints.CONFIG_FILE) as f:
+        cfg = vae_lib.VAEConfig.from_diffusers_config(json.load(f), param_dtype=dtype, dtype=dtype)
+    return checkpoints.load_into(folder, vae_lib.abstract_model(cfg))
+
+
+def load_text_encoder(folder: Path, dtype: str | None = None) -> QwenTextEncoder:
+    dtype = dtype or checkpoints.stored_dtype(folder)
+    with open(folder / checkpoints.CONFIG_FILE) as f:
+        cfg = TextEncoderConfig.from_transformers_config(json.load(f), param_dtype=dtype, dtype=dtype)
+    return checkpoints.load_into(folder, abstract_text_encoder(cfg))
+
+
+def is_converted(folder: Path) -> bool:
+    return all((folder / c / checkpoints.PARAMS_DIR).is_dir() for c in ("transformer", "vae", "text_encoder"))
+
+
+def resolve_folder(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
+    """A converted folder for a converted folder, a diffusers folder or a hub id (converted once)."""
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if is_converted(path):
+            return path
+        if not is_pipeline_folder(path):
+            raise ConversionError(f"{path}: neither a converted qwen_jax folder nor a diffusers Qwen-Image folder")
+        source = path.resolve()
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
+        source = _download(str(name_or_path))
+    else:
+        raise ConversionError(f"{name_or_path}: no such folder (and not a hub id like Qwen/Qwen-Image)")
+    key = hashlib.sha256(str(source).encode()).hexdigest()[:12]
+    target = Path(cache_dir or default_cache_dir()) / f"{source.name}-{key}"
+    if not is_converted(target):
+        convert_pipeline(source, target, overwrite=True)
+    return target
+
+
+def _download(repo_id: str) -> Path:
+    """The hub snapshot of a Qwen-Image repo (weights as safetensors only)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+    patterns = ["*.json", "*.safetensors", "tokenizer/*", "scheduler/*", "*.txt"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=offline, etag_timeout=10))
+    except LocalEntryNotFoundError:
+        raise ConversionError(f"{repo_id}: not in the local hub cache and the hub cannot be reached "
+                              "(offline or HF_HUB_OFFLINE set); download it where the network allows") from None
+    except Exception as e:  # network and HTTP errors come in many types; all mean the same here
+        raise ConversionError(f"{repo_id}: download failed ({type(e).__name__}: {e})") from None

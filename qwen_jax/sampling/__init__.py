@@ -1,0 +1,1 @@
+"""Host-side sampling utilities: prompt encoding for the Qwen-Image pipeline."""
