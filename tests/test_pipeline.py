@@ -97,3 +97,30 @@ def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
         Pipeline.from_pretrained("Qwen/Qwen-Image", cache_dir=tmp_path / "cache")
     with pytest.raises(ConversionError, match="no such folder"):
         Pipeline.from_pretrained(str(tmp_path / "missing" / "deeper" / "x"))
+
+
+def test_notebook_runs_on_tiny_components_and_matches_its_script(folders, tmp_path, monkeypatch):
+    _, root = folders
+    if not (root / "jax").exists():
+        assert convert(root / "diffusers", root / "jax") == 0
+    notebook = json.loads((REPO / "notebooks" / "sample.ipynb").read_text())
+    code = ["".join(c["source"]) for c in notebook["cells"] if c["cell_type"] == "code"]
+
+    sys.path.insert(0, str(REPO / "tools"))
+    from sync_notebook import percent_cells
+
+    script = (REPO / "notebooks" / "sample.py").read_text()
+    assert code == [src for kind, src in percent_cells(script) if kind == "code"], "run tools/sync_notebook.py"
+
+    monkeypatch.setenv("QWEN_JAX_MODEL", str(root / "jax"))
+    monkeypatch.setenv("QWEN_JAX_SIZE", "48x32")
+    monkeypatch.setenv("QWEN_JAX_STEPS", "2")
+    monkeypatch.setenv("QWEN_JAX_GRID", str(tmp_path / "grid.png"))
+    namespace: dict = {}
+    for source in code:  # the notebook's cells, in order, in one namespace (as a kernel runs them)
+        exec(compile(source, "sample.ipynb", "exec"), namespace)
+    from PIL import Image
+
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (2 * 48 + 2, 2 * 32 + 2)
+    assert namespace["fast"].array.shape == (4, 32, 48, 3)

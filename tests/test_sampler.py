@@ -116,3 +116,24 @@ def test_initial_noise_depends_on_the_seed_only():
     alone = sampler.initial_noise([8], (4, 6, 16))
     np.testing.assert_array_equal(batch[1], alone[0])
     assert float(jnp.abs(batch[0] - batch[1]).max()) > 0.1
+
+
+def test_official_aspect_ratios_at_1k_and_2k_trace_on_the_real_model():
+    import functools
+
+    from qwen_jax.models import TransformerConfig
+    from qwen_jax.models.transformer import abstract_model
+    from qwen_jax.pipeline import ASPECT_RATIOS, ASPECT_RATIOS_2K
+
+    assert len(ASPECT_RATIOS) == len(ASPECT_RATIOS_2K) == 7
+    graphdef, state = nnx.split(abstract_model(TransformerConfig.qwen_image(param_dtype="bfloat16", dtype="bfloat16")))
+    for name, (w, h) in [*ASPECT_RATIOS.items(), *ASPECT_RATIOS_2K.items()]:
+        assert w % 16 == 0 and h % 16 == 0, name
+    w, h = ASPECT_RATIOS_2K["16:9"]  # the largest: 160 x 89 = 14,240 image tokens
+    grid = (1, h // 16, w // 16)
+    sds = jax.ShapeDtypeStruct
+    out = jax.eval_shape(
+        functools.partial(sampler.sample, graphdef, img_shapes=(grid,)), state,
+        sds((4, grid[1] * grid[2], 64), jnp.bfloat16), sds((3,), jnp.float32), sds((2,), jnp.float32),
+        sds((4, 128, 3584), jnp.bfloat16), sds((4, 128), jnp.int32))
+    assert out.shape == (4, 14240, 64) and out.dtype == jnp.bfloat16

@@ -254,7 +254,7 @@ def test_missing_extra_and_wrong_shape_keys_are_named(tiny_sd):
     legacy_missing = legacy_names({k: v for k, v in sd.items() if k != "model.language_model.norm.weight"})
     expect_error(cfg, legacy_missing, "missing", "model.language_model.norm.weight")
     expect_error(cfg, {**sd, "model.embed_tokens.weight": sd["model.language_model.embed_tokens.weight"]},
-                 "two names", "model.embed_tokens.weight")
+                 "filled twice", "model.embed_tokens.weight")
     expect_error(cfg.replace(num_hidden_layers=3), sd, "missing", "model.language_model.layers.2.")
 
 

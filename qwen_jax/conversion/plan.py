@@ -87,7 +87,7 @@ def plan_conversion(
 ) -> Plan:
     """Matches source {key: shape} to the expected Flax {path: shape}; raises on any mismatch."""
     leaves = {p: LeafPlan(p, tuple(s), p[0] in table.stacked, {}) for p, s in expected.items()}
-    unexpected, wrong, skipped = [], [], []
+    unexpected, wrong, skipped, twice = [], [], [], []
     for key, shape in sorted(shapes.items()):
         if key in table.unsupported:
             raise ConversionError(f"tensor {key!r} marks {table.unsupported[key]}, which is not supported")
@@ -107,13 +107,16 @@ def plan_conversion(
         if got != want:
             inverse = TRANSFORMS[m.transform][2]
             wrong.append(f"{key} {tuple(shape)} vs expected {tuple(inverse(want)) if inverse else want}")
+        if m.layer in leaf.sources:  # e.g. a file carrying two namings of one tensor
+            twice.append(f"{leaf.sources[m.layer].torch_key} / {key}")
         leaf.sources[m.layer] = m  # present, even if misshapen: not "missing"
     missing = [table.slot_name(leaf.path, layer)
                for leaf in leaves.values()
                for layer in (range(leaf.shape[0]) if leaf.stacked else [None]) if layer not in leaf.sources]
-    if missing or unexpected or wrong:
+    if missing or unexpected or wrong or twice:
         parts = [_listing(label, items) for label, items in
-                 (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong)) if items]
+                 (("missing", missing), ("unexpected", unexpected), ("wrong-shape", wrong),
+                  ("filled twice", twice)) if items]
         raise ConversionError("checkpoint does not match the model config: " + "; ".join(parts))
     return Plan(list(leaves.values()), skipped)
 

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.conversion.plan import SKIP, KeyMapping, KeyTable, Plan, assemble_leaf, plan_conversion
 from qwen_jax.models.text_encoder import TextEncoderConfig, abstract_params
 from qwen_jax.pytree import unflatten_params
@@ -79,26 +78,8 @@ def slot_name(flax_path: tuple[str, ...], layer: int | None) -> str:
 TABLE = KeyTable(map_key=map_key, slot_name=slot_name, stacked=(LAYERS,))
 
 
-def _check_duplicates(keys) -> None:
-    # plan_conversion keeps the last of two keys that fill one slot; a file carrying both
-    # namings (or a merge gone wrong) must fail loudly instead.
-    seen: dict[tuple, str] = {}
-    clashes = []
-    for key in sorted(keys):
-        m = map_key(key)
-        if isinstance(m, KeyMapping):
-            slot = (m.flax_path, m.layer)
-            if slot in seen:
-                clashes.append(f"{seen[slot]} / {key}")
-            seen.setdefault(slot, key)
-    if clashes:
-        shown = ", ".join(clashes[:4]) + (f", ... ({len(clashes) - 4} more)" if len(clashes) > 4 else "")
-        raise ConversionError(f"checkpoint has {len(clashes)} tensors under two names ({shown})")
-
-
 def plan_text_encoder(cfg: TextEncoderConfig, shapes: Mapping[str, tuple[int, ...]]) -> Plan:
     """Matches source keys {key: torch shape} to the Flax tree of `cfg`; raises on any mismatch."""
-    _check_duplicates(shapes)
     expected = {path: tuple(s.shape) for path, s in abstract_params(cfg).items()}
     return plan_conversion(expected, shapes, TABLE)
 
