@@ -38,6 +38,7 @@ import torch  # noqa: E402
 from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline  # noqa: E402
 
 from qwen_jax import flow  # noqa: E402
+from qwen_jax.conversion.pipeline import convert_pipeline  # noqa: E402
 from qwen_jax.models.text_encoder import TextEncoderConfig  # noqa: E402
 from qwen_jax.models.vae import QWEN_LATENTS_MEAN, QWEN_LATENTS_STD  # noqa: E402
 from qwen_jax.pipeline import Pipeline  # noqa: E402
@@ -95,8 +96,8 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         log("saving and converting it for qwen_jax")
         pipe.save_pretrained(Path(tmp) / "diffusers")
-        ours = Pipeline.from_pretrained(Path(tmp) / "diffusers", scheduler=flow.SchedulerConfig.fixed_shift(3.0),
-                                        cache_dir=Path(tmp) / "cache")
+        convert_pipeline(Path(tmp) / "diffusers", Path(tmp) / "jax", progress=False)  # tools/convert_weights.py's path
+        ours = Pipeline.from_pretrained(Path(tmp) / "jax", scheduler=flow.SchedulerConfig.fixed_shift(3.0))
     latents = torch.randn(len(prompts), n_img, 64, generator=torch.Generator().manual_seed(0))
     lat_np, lat_j = latents.numpy(), jnp.asarray(latents.numpy())
     common = dict(height=size, width=size)

@@ -124,3 +124,47 @@ def test_notebook_runs_on_tiny_components_and_matches_its_script(folders, tmp_pa
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size == (2 * 48 + 2, 2 * 32 + 2)
     assert namespace["fast"].array.shape == (4, 32, 48, 3)
+
+
+def test_converted_vae_and_text_encoder_match_their_references(folders):
+    import jax.numpy as jnp
+
+    from qwen_jax.pipeline import load_text_encoder, load_vae
+
+    pipe, root = folders
+    if not (root / "jax").exists():
+        assert convert(root / "diffusers", root / "jax") == 0
+    vae = load_vae(root / "jax" / "vae")
+    z = torch.randn(2, 4, 1, 5, 7, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = pipe.vae.decode(z).sample[:, :, 0].permute(0, 2, 3, 1).numpy()
+    got = np.asarray(vae.decode(jnp.asarray(z[:, :, 0].permute(0, 2, 3, 1).numpy())))
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) <= 1e-5
+
+    te = load_text_encoder(root / "jax" / "text_encoder")
+    ids = torch.randint(0, 151000, (2, 11), generator=torch.Generator().manual_seed(2))
+    mask = torch.tensor([[1] * 11, [1] * 7 + [0] * 4])
+    with torch.no_grad():
+        want = pipe.text_encoder(input_ids=ids, attention_mask=mask, output_hidden_states=True).hidden_states[-1]
+    got = np.asarray(te(jnp.asarray(ids.numpy()), jnp.asarray(mask.numpy())))
+    real = mask.numpy().astype(bool)
+    assert np.linalg.norm(got[real] - want.numpy()[real]) / np.linalg.norm(want.numpy()[real]) <= 1e-5
+
+
+def test_bad_pipeline_folders_write_nothing(folders, tmp_path, capsys):
+    import shutil
+
+    _, root = folders
+    broken = tmp_path / "broken"
+    shutil.copytree(root / "diffusers", broken)
+    vae_file = broken / "vae" / "diffusion_pytorch_model.safetensors"
+    vae_file.write_bytes(vae_file.read_bytes()[:-100])  # truncated VAE weights
+    assert convert(broken, tmp_path / "out") == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "truncated" in err and "vae" in err and "\n" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+    shutil.rmtree(broken / "vae")
+    assert convert(broken, tmp_path / "out") == 1
+    assert "no vae/" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
