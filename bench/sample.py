@@ -1,18 +1,17 @@
 """2-step sampling benchmark: qwen_jax's Pipeline vs diffusers' QwenImagePipeline, same components, CPU fp32.
 
-A mid-size random Qwen-Image (transformer 4 blocks, 12 heads x 64; a 3-layer Qwen2.5-VL text encoder
-of width 256 with the real 151,936 vocabulary and the real Qwen tokenizer, built offline; an 8x VAE
-with base_dim 32 and z_dim 16) is saved with diffusers' save_pretrained and loaded by
-`Pipeline.from_pretrained` (which converts it). Both pipelines run the few-step student setting:
-fixed shift 3, sigmas [1.0, 0.5] (visited 1.0, 0.75), 2 steps, guidance 1 (no CFG), from the same
-packed initial latents. Measured:
+A mid-size random Qwen-Image (transformer 4 blocks x 12 heads x 64; 3-layer Qwen2.5-VL text encoder of
+width 256, real 151,936 vocab and real Qwen tokenizer built offline; 8x VAE, base_dim 32, z_dim 16) is
+saved by diffusers, converted as tools/convert_weights.py does and loaded by `Pipeline.from_pretrained`.
+Both run the few-step student setting (fixed shift 3, sigmas [1.0, 0.5] -> 1.0, 0.75; 2 steps; guidance
+1, no CFG) from the same packed initial latents. Measured:
   * max_abs_diff: largest pixel difference of the two image batches (in [0, 1]; must be <= 1e-3);
-  * qwen_jax_ms / diffusers_ms: median of a whole pipeline call (text encoding, 2 transformer
-    steps, VAE decode, images to numpy), compile excluded, runs interleaved so machine noise hits
-    both sides alike; speedup = diffusers_ms / qwen_jax_ms; *_min_ms are the fastest runs;
+  * qwen_jax_ms / diffusers_ms: median whole pipeline call (text encoding, 2 transformer steps, VAE
+    decode, images to numpy), compile excluded, interleaved runs; speedup = diffusers_ms / qwen_jax_ms;
+    *_min_ms are the fastest runs (torch's OpenMP suffers more than XLA from a loaded machine);
   * qwen_jax_compile_s: first call minus the steady median (tracing + XLA compilation);
   * stages_ms: medians of the same work split into text encoding, sampling and decoding.
-Prints one JSON line on stdout; progress goes to stderr.
+Prints one JSON line on stdout; progress goes to stderr. Takes ~5 minutes at the defaults.
 
 Run: .venv/bin/python bench/sample.py [--reps 5] [--size 512] [--batch 1]
 """
@@ -20,7 +19,6 @@ Run: .venv/bin/python bench/sample.py [--reps 5] [--size 512] [--batch 1]
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -84,8 +82,7 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(os.cpu_count())  # use every core, as XLA's CPU backend does
     size, prompts = args.size, PROMPTS[: args.batch]
-    grid = (1, size // 16, size // 16)
-    n_img = grid[1] * grid[2]
+    grid, n_img = (1, size // 16, size // 16), (size // 16) ** 2
 
     log("building the random diffusers pipeline")
     pipe = QwenImagePipeline(
@@ -93,14 +90,14 @@ def main():
         vae=torch_vae(), text_encoder=torch_text_encoder(TextEncoderConfig.tiny(**TEXT), seed=1),
         tokenizer=build_qwen_tokenizer(), transformer=torch_transformer(**TRANSFORMER))
     pipe.set_progress_bar_config(disable=True)
+    diffusers.utils.logging.set_verbosity_error()  # batch-1 masks are None: silence the per-call warning
     with tempfile.TemporaryDirectory() as tmp:
         log("saving and converting it for qwen_jax")
         pipe.save_pretrained(Path(tmp) / "diffusers")
-        convert_pipeline(Path(tmp) / "diffusers", Path(tmp) / "jax", progress=False)  # tools/convert_weights.py's path
+        convert_pipeline(Path(tmp) / "diffusers", Path(tmp) / "jax", progress=False)
         ours = Pipeline.from_pretrained(Path(tmp) / "jax", scheduler=flow.SchedulerConfig.fixed_shift(3.0))
     latents = torch.randn(len(prompts), n_img, 64, generator=torch.Generator().manual_seed(0))
-    lat_np, lat_j = latents.numpy(), jnp.asarray(latents.numpy())
-    common = dict(height=size, width=size)
+    lat_np, lat_j, common = latents.numpy(), jnp.asarray(latents.numpy()), dict(height=size, width=size)
 
     def run_jax():
         return ours(prompts, **common, num_steps=2, guidance=1.0, sigmas=SIGMAS, latents=lat_np).array
@@ -111,10 +108,8 @@ def main():
                         latents=latents, output_type="np").images
 
     def stages_jax():  # the body of Pipeline.__call__, synchronised after each stage
-        t = [time.perf_counter()]
-        text, mask = ours.encode_prompt(prompts)
-        text, mask = sampler.pad_text(text, mask, sampler.bucket_length(text.shape[1]))
-        jax.block_until_ready((text, mask))
+        t, (text, mask) = [time.perf_counter()], ours.encode_prompt(prompts)
+        text, mask = jax.block_until_ready(sampler.pad_text(text, mask, sampler.bucket_length(text.shape[1])))
         t.append(time.perf_counter())
         sig = ours.sigmas(2, n_img, SIGMAS)
         out = sampler.sample(ours.graphdef, ours.state, lat_j, jnp.asarray(sig), jnp.asarray(flow.model_time(sig[:-1])),
@@ -133,24 +128,22 @@ def main():
             lat = pipe(prompt_embeds=emb, prompt_embeds_mask=mask, **common, sigmas=SIGMAS, true_cfg_scale=1.0,
                        num_inference_steps=2, latents=latents, output_type="latent").images
             t.append(time.perf_counter())
-            z = pipe._unpack_latents(lat, size, size, pipe.vae_scale_factor)
-            cfg = pipe.vae.config
-            z = z * torch.tensor(cfg.latents_std).view(1, -1, 1, 1, 1) + torch.tensor(cfg.latents_mean).view(1, -1, 1, 1, 1)
+            z, cfg = pipe._unpack_latents(lat, size, size, pipe.vae_scale_factor), pipe.vae.config
+            std, mean = (torch.tensor(v)[:, None, None, None] for v in (cfg.latents_std, cfg.latents_mean))
+            z = z * std + mean  # diffusers' denormalisation
             pipe.image_processor.postprocess(pipe.vae.decode(z, return_dict=False)[0][:, :, 0], output_type="np")
             t.append(time.perf_counter())
         return np.diff(t) * 1e3
 
     log("first qwen_jax call (compiles)")
     start = time.perf_counter()
-    img_j = run_jax()
-    first_s = time.perf_counter() - start
+    img_j, first_s = run_jax(), time.perf_counter() - start
     img_t = run_torch()
     stages_jax(), stages_torch()  # warm the per-stage path too
     max_abs = float(np.abs(img_j.astype(np.float64) - img_t).max())
     log(f"max_abs_diff {max_abs:.2e}, image std {img_t.std():.3f}, first qwen_jax call {first_s:.1f} s")
 
-    times = {"qwen_jax": [], "diffusers": []}
-    stages = {"qwen_jax": [], "diffusers": []}
+    times, stages = {"qwen_jax": [], "diffusers": []}, {"qwen_jax": [], "diffusers": []}
     for i in range(args.reps):
         # Alternate which side goes first so slow drifts in machine load do not favour one.
         order = [("qwen_jax", run_jax, stages_jax), ("diffusers", run_torch, stages_torch)]
@@ -160,13 +153,12 @@ def main():
             times[name].append((time.perf_counter() - start) * 1e3)
             stages[name].append(staged())
         log(f"rep {i}: " + ", ".join(f"{k} {v[-1]:.0f} ms" for k, v in times.items()))
-    med = {k: statistics.median(v) for k, v in times.items()}
+    med = {k: float(np.median(v)) for k, v in times.items()}
     stage_ms = {k: dict(zip(("text_encode", "sample_2_steps", "vae_decode"),
                             np.round(np.median(np.array(v), axis=0), 1).tolist())) for k, v in stages.items()}
 
     print(json.dumps({
-        "bench": "sample",
-        "device": {"platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
+        "bench": "sample", "device": {"platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
                    "torch_threads": torch.get_num_threads(),
                    "loadavg_1m": round(os.getloadavg()[0], 2)},  # >cpu_count means the timings are contended
         "versions": {"jax": jax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
@@ -174,13 +166,10 @@ def main():
                    "text_encoder": {**TEXT, "vocab_size": 151936}, "vae": VAE, "dtype": "float32",
                    "batch": len(prompts), "height": size, "width": size, "image_tokens": n_img,
                    "steps": 2, "sigmas": SIGMAS, "shift": 3.0, "guidance": 1.0},
-        "reps": args.reps,
-        "max_abs_diff": max_abs,
-        "qwen_jax_ms": round(med["qwen_jax"], 1),
-        "diffusers_ms": round(med["diffusers"], 1),
+        "reps": args.reps, "max_abs_diff": max_abs,
+        "qwen_jax_ms": round(med["qwen_jax"], 1), "diffusers_ms": round(med["diffusers"], 1),
         "speedup": round(med["diffusers"] / med["qwen_jax"], 3),
-        "qwen_jax_min_ms": round(min(times["qwen_jax"]), 1),
-        "diffusers_min_ms": round(min(times["diffusers"]), 1),
+        "qwen_jax_min_ms": round(min(times["qwen_jax"]), 1), "diffusers_min_ms": round(min(times["diffusers"]), 1),
         "speedup_min": round(min(times["diffusers"]) / min(times["qwen_jax"]), 3),
         "goal_speedup": 1.5,
         "qwen_jax_first_call_s": round(first_s, 2),

@@ -100,7 +100,7 @@ class Pipeline:
 
     def decode_latents(self, latents: jax.Array, height: int, width: int) -> jax.Array:
         """Packed latents (B, L_img, 4C) -> images (B, H, W, 3) in [0, 1]."""
-        cfg = self.vae.cfg
+        cfg = self.vae.config
         z = unpack_latents(latents, 2 * (height // PIXELS_PER_TOKEN), 2 * (width // PIXELS_PER_TOKEN))
         z = denormalize_latents(z.astype(cfg.jnp_dtype), cfg.latents_mean, cfg.latents_std)
         return jnp.clip(self._decode(self.vae_state, z).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)

@@ -67,7 +67,7 @@ def nhwc(t: torch.Tensor) -> jax.Array:
 def test_fp32_parity(name):
     tv = torch_vae(name)
     model = jax_twin(tv)
-    f = model.cfg.spatial_factor
+    f = model.config.spatial_factor
     g = torch.Generator().manual_seed(1)
     z = torch.randn(2, 4, 1, 3, 5, generator=g)  # non-square latent grid
     x = torch.rand(2, 3, 1, 3 * f, 5 * f, generator=g) * 2 - 1

@@ -25,6 +25,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from qwen_jax.models.dtypes import DtypePolicy
 from qwen_jax.models.attention import ATTENTION_FNS
 from qwen_jax.models.remat import REMAT_POLICIES
 
@@ -44,11 +45,10 @@ ARCHITECTURE_FIELDS = (
 # one of them on is a different model that this port does not implement.
 _UNSUPPORTED_TRUE_FLAGS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
 
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
-class TransformerConfig:
+class TransformerConfig(DtypePolicy):
     """Architecture of `QwenImageTransformer` (diffusers field names) and how to run it.
 
     The architecture defaults are the real Qwen-Image (20,430,401,088 parameters).
@@ -81,9 +81,7 @@ class TransformerConfig:
             raise ValueError(
                     f"sum(axes_dims_rope)={sum(self.axes_dims_rope)} must equal attention_head_dim={self.attention_head_dim}"
             )
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        self.check_dtypes()
         if self.attention not in ATTENTION_FNS:
             raise ValueError(f"attention must be one of {sorted(ATTENTION_FNS)}, got {self.attention!r}")
         if self.remat not in REMAT_POLICIES:
@@ -97,17 +95,6 @@ class TransformerConfig:
     @property
     def out_features(self) -> int:
         return self.patch_size * self.patch_size * self.out_channels
-
-    @property
-    def jnp_param_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    @property
-    def jnp_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    def replace(self, **changes) -> "TransformerConfig":
-        return dataclasses.replace(self, **changes)
 
     # ---- presets -------------------------------------------------------------------------------
     @classmethod

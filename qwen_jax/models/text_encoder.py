@@ -35,11 +35,12 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
+from qwen_jax.models.dtypes import DtypePolicy
 from qwen_jax.models.layers import silu
-from qwen_jax.models.remat import REMAT_POLICIES, apply_remat
+from qwen_jax.models.remat import REMAT_POLICIES
+from qwen_jax.models.stack import scan_layers, stacked
 from qwen_jax.pytree import flatten_params
 
-DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "rms_norm_eps", "rope_theta",
@@ -49,7 +50,7 @@ _ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLModel", "Qwen
 
 
 @dataclasses.dataclass(frozen=True)
-class TextEncoderConfig:
+class TextEncoderConfig(DtypePolicy):
     """Architecture of the Qwen2.5-VL text model (transformers field names) and how to run it.
 
     Defaults are Qwen2.5-VL-7B (7,070,619,136 language-model parameters). Runtime fields:
@@ -79,9 +80,7 @@ class TextEncoderConfig:
             raise ValueError(f"{self.num_attention_heads} query heads cannot share {self.num_key_value_heads} kv heads")
         if self.head_dim % 2:
             raise ValueError(f"head_dim {self.head_dim} must be even for RoPE")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        self.check_dtypes()
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
 
@@ -89,17 +88,6 @@ class TextEncoderConfig:
     def head_dim(self) -> int:
         # transformers' Qwen2_5_VLAttention uses hidden_size // heads (it ignores a config head_dim).
         return self.hidden_size // self.num_attention_heads
-
-    @property
-    def jnp_param_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    @property
-    def jnp_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    def replace(self, **changes) -> "TextEncoderConfig":
-        return dataclasses.replace(self, **changes)
 
     # ---- presets -------------------------------------------------------------------------------
     @classmethod
@@ -301,14 +289,6 @@ class TextDecoderLayer(nnx.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-def stacked_layers(cfg: TextEncoderConfig, rngs: nnx.Rngs) -> TextDecoderLayer:
-    """`cfg.num_hidden_layers` layers as one module whose every parameter has a leading layer axis."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: TextDecoderLayer(cfg, rngs=nnx.Rngs(0))))
-    keys = jax.random.split(rngs.params(), cfg.num_hidden_layers)
-    states = jax.vmap(lambda key: nnx.state(TextDecoderLayer(cfg, rngs=nnx.Rngs(key))))(keys)
-    return nnx.merge(graphdef, states)
-
-
 class QwenTextEncoder(nnx.Module):
     """Token ids -> last hidden state after the final norm (transformers' `hidden_states[-1]`).
 
@@ -320,7 +300,7 @@ class QwenTextEncoder(nnx.Module):
         self.config = cfg
         self.embed_tokens = nnx.Embed(cfg.vocab_size, cfg.hidden_size, dtype=cfg.jnp_dtype,
                                       param_dtype=cfg.jnp_param_dtype, rngs=rngs)
-        self.layers = stacked_layers(cfg, rngs)
+        self.layers = stacked(lambda r: TextDecoderLayer(cfg, rngs=r), cfg.num_hidden_layers, rngs)
         self.norm = TextRMSNorm(cfg.hidden_size, cfg)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None) -> jax.Array:
@@ -331,17 +311,8 @@ class QwenTextEncoder(nnx.Module):
         allowed = jnp.tril(jnp.ones((n, n), bool))[None] & keys[:, None, :]
         cos, sin = rope_tables(jnp.arange(n), cfg.head_dim, cfg.rope_theta, cfg.jnp_dtype)
         h = self.embed_tokens(input_ids).astype(cfg.jnp_dtype)
-        return self.norm(self._run_layers(h, cos, sin, allowed))
-
-    def _run_layers(self, h, cos, sin, allowed):
-        graphdef, stacked = nnx.split(self.layers)
-
-        def body(h, layer):
-            return nnx.merge(graphdef, layer)(h, cos, sin, allowed), None
-
-        h, _ = jax.lax.scan(apply_remat(body, self.config.remat), h, stacked)
-        return h
-
+        h = scan_layers(self.layers, lambda layer, h: layer(h, cos, sin, allowed), h, cfg.remat)
+        return self.norm(h)
 
 def abstract_model(cfg: TextEncoderConfig) -> QwenTextEncoder:
     """The model with `jax.ShapeDtypeStruct` leaves: shapes and dtypes, no memory."""

@@ -26,7 +26,7 @@ from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.layers import (
     AdaLayerNormContinuous, FeedForward, RMSNorm, TimestepProjEmbeddings, layer_norm, linear, modulate, silu,
 )
-from qwen_jax.models.remat import apply_remat
+from qwen_jax.models.stack import scan_layers, stacked
 
 
 class JointAttention(nnx.Module):
@@ -86,14 +86,6 @@ class QwenImageTransformerBlock(nnx.Module):
         return img, txt
 
 
-def stacked_blocks(cfg: TransformerConfig, rngs: nnx.Rngs) -> QwenImageTransformerBlock:
-    """`cfg.num_layers` blocks as one module whose every parameter has a leading layer axis."""
-    graphdef = nnx.graphdef(nnx.eval_shape(lambda: QwenImageTransformerBlock(cfg, rngs=nnx.Rngs(0))))
-    keys = jax.random.split(rngs.params(), cfg.num_layers)
-    states = jax.vmap(lambda key: nnx.state(QwenImageTransformerBlock(cfg, rngs=nnx.Rngs(key))))(keys)
-    return nnx.merge(graphdef, states)
-
-
 class QwenImageTransformer(nnx.Module):
     """The Qwen-Image denoiser: packed latents + text states + sigma -> velocity.
 
@@ -110,7 +102,7 @@ class QwenImageTransformer(nnx.Module):
         self.txt_norm = RMSNorm(cfg.joint_attention_dim, cfg)
         self.img_in = linear(cfg, cfg.in_channels, cfg.inner_dim, rngs=rngs)
         self.txt_in = linear(cfg, cfg.joint_attention_dim, cfg.inner_dim, rngs=rngs)
-        self.transformer_blocks = stacked_blocks(cfg, rngs)
+        self.transformer_blocks = stacked(lambda r: QwenImageTransformerBlock(cfg, rngs=r), cfg.num_layers, rngs)
         self.norm_out = AdaLayerNormContinuous(cfg, rngs=rngs)
         self.proj_out = linear(cfg, cfg.inner_dim, cfg.out_features, rngs=rngs)
 
@@ -152,24 +144,21 @@ class QwenImageTransformer(nnx.Module):
 
     def _run_blocks(self, img, txt, temb, cos, sin, kv_mask, layers):
         """Scans the stacked blocks; also keeps the image states after the blocks in `layers`."""
-        graphdef, stacked = nnx.split(self.transformer_blocks)
         wanted = jnp.asarray(layers, jnp.int32)
         # A (K, B, L_img, D) buffer selected into as the scan passes each wanted block: no copy
         # of the stacked parameters, no per-layer output stack.
         collected = jnp.zeros((len(layers),) + img.shape, img.dtype)
 
-        def body(carry, layer):
+        def body(block, carry):
             img, txt, collected, index = carry
-            img, txt = nnx.merge(graphdef, layer)(img, txt, temb, cos, sin, kv_mask)
+            img, txt = block(img, txt, temb, cos, sin, kv_mask)
             if layers:
-                hit = (wanted == index)[:, None, None, None]
-                collected = jnp.where(hit, img[None], collected)
-            return (img, txt, collected, index + 1), None
+                collected = jnp.where((wanted == index)[:, None, None, None], img[None], collected)
+            return img, txt, collected, index + 1
 
-        body = apply_remat(body, self.config.remat)
-        (img, txt, collected, _), _ = jax.lax.scan(body, (img, txt, collected, jnp.int32(0)), stacked)
+        img, txt, collected, _ = scan_layers(self.transformer_blocks, body, (img, txt, collected, jnp.int32(0)),
+                                             self.config.remat)
         return img, txt, collected
-
 
 def abstract_model(cfg: TransformerConfig) -> QwenImageTransformer:
     """The model with `jax.ShapeDtypeStruct` leaves: shapes and dtypes, no memory."""

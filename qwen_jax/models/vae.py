@@ -28,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from qwen_jax.models.dtypes import DtypePolicy
 from qwen_jax.models.layers import silu
 from qwen_jax.pytree import flatten_params
 
-DTYPES = ("float32", "bfloat16", "float16")
 ARCHITECTURE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample",
                        "dropout", "input_channels", "latents_mean", "latents_std")
 QWEN_LATENTS_MEAN = (-0.7571, -0.7089, -0.9113, 0.1075, -0.1745, 0.9653, -0.1517, 1.5508,
@@ -43,7 +43,7 @@ ATTENTION_QUERY_CHUNK = 4096  # mid attention is over all H*W latents; bound the
 
 
 @dataclasses.dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(DtypePolicy):
     """Architecture of `AutoencoderKLQwenImage` (diffusers field names) and how to run it.
 
     Defaults are the released Qwen-Image VAE (126,892,531 diffusers parameters). `dropout` is kept
@@ -75,25 +75,12 @@ class VAEConfig:
                              f"got {len(self.temperal_downsample)}")
         if len(self.latents_mean) != self.z_dim or len(self.latents_std) != self.z_dim:
             raise ValueError(f"latents_mean and latents_std need z_dim = {self.z_dim} entries each")
-        for name in ("param_dtype", "dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise ValueError(f"{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        self.check_dtypes()
 
     @property
     def spatial_factor(self) -> int:
         """Pixels per latent along each side (8 for Qwen-Image)."""
         return 2 ** len(self.temperal_downsample)
-
-    @property
-    def jnp_param_dtype(self):
-        return jnp.dtype(self.param_dtype)
-
-    @property
-    def jnp_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    def replace(self, **changes) -> "VAEConfig":
-        return dataclasses.replace(self, **changes)
 
     @classmethod
     def qwen_image(cls, **runtime) -> "VAEConfig":
@@ -336,7 +323,7 @@ class AutoencoderKLQwenImage(nnx.Module):
     `cfg.latents_mean/std` is the caller's job (`qwen_jax.models.latents`)."""
 
     def __init__(self, cfg: VAEConfig, *, rngs: nnx.Rngs):
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = Encoder(cfg, 2 * cfg.z_dim, rngs=rngs)
         self.quant_conv = _conv(cfg, 2 * cfg.z_dim, 2 * cfg.z_dim, 1, rngs=rngs)
         self.post_quant_conv = _conv(cfg, cfg.z_dim, cfg.z_dim, 1, rngs=rngs)
@@ -345,7 +332,7 @@ class AutoencoderKLQwenImage(nnx.Module):
     def encode_moments(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """images (B, H, W, C_in) in [-1, 1], H and W multiples of `spatial_factor` ->
         (mean, logvar), each (B, H/f, W/f, z_dim); logvar clamped to [-30, 20] as diffusers does."""
-        moments = self.quant_conv(self.encoder(images.astype(self.cfg.jnp_dtype)))
+        moments = self.quant_conv(self.encoder(images.astype(self.config.jnp_dtype)))
         mean, logvar = jnp.split(moments, 2, axis=-1)
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
@@ -355,7 +342,7 @@ class AutoencoderKLQwenImage(nnx.Module):
 
     def decode(self, z: jax.Array) -> jax.Array:
         """Raw latents (B, h, w, z_dim) -> images (B, f*h, f*w, C_in) clamped to [-1, 1]."""
-        x = self.decoder(self.post_quant_conv(z.astype(self.cfg.jnp_dtype)))
+        x = self.decoder(self.post_quant_conv(z.astype(self.config.jnp_dtype)))
         return jnp.clip(x, -1.0, 1.0)
 
 
