@@ -11,7 +11,7 @@ Both run the few-step student setting (fixed shift 3, sigmas [1.0, 0.5] -> 1.0, 
     *_min_ms are the fastest runs (torch's OpenMP suffers more than XLA from a loaded machine);
   * qwen_jax_compile_s: first call minus the steady median (tracing + XLA compilation);
   * stages_ms: medians of the same work split into text encoding, sampling and decoding.
-Prints one JSON line on stdout; progress goes to stderr. Takes ~5 minutes at the defaults.
+Prints one JSON line on stdout; progress goes to stderr. Takes a few minutes at the defaults.
 
 Run: .venv/bin/python bench/sample.py [--reps 5] [--size 512] [--batch 1]
 """
