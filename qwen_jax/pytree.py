@@ -31,3 +31,25 @@ def unflatten_params(flat: dict[tuple[str, ...], object]) -> dict:
             node = node.setdefault(name, {})
         node[path[-1]] = leaf
     return tree
+
+
+def fill_abstract(abstract, params):
+    """The module `abstract` (from nnx.eval_shape) holding `params` (a nested dict of arrays).
+
+    No random initialisation runs. Every leaf must be given with the abstract shape; values
+    are cast to the abstract dtypes.
+    """
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    graphdef, state = nnx.split(abstract)
+    want, got = flatten_params(state), flatten_params(params)
+    if set(got) != set(want):
+        raise ValueError(f"params do not match the model: missing {sorted(set(want) - set(got))[:4]}, "
+                         f"unexpected {sorted(set(got) - set(want))[:4]}")
+    bad = [p for p in want if tuple(np.shape(got[p])) != tuple(want[p].shape)]
+    if bad:
+        raise ValueError(f"params of the wrong shape: {bad[:4]}")
+    nnx.replace_by_pure_dict(state, unflatten_params({p: jnp.asarray(got[p], want[p].dtype) for p in want}))
+    return nnx.merge(graphdef, state)

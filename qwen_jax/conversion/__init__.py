@@ -1,0 +1,1 @@
+"""Weight conversion: diffusers / ComfyUI / transformers safetensors <-> qwen_jax folders."""

@@ -14,7 +14,6 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 
 import numpy as np
 from tqdm.auto import tqdm

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.conversion.plan import SKIP, KeyMapping, KeyTable, Plan, assemble_leaf, plan_conversion
 from qwen_jax.models.vae import VAEConfig, abstract_params, decoder_layout, encoder_layout
 from qwen_jax.pytree import unflatten_params

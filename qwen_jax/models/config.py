@@ -23,7 +23,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-import jax.numpy as jnp
 
 from qwen_jax.models.dtypes import DtypePolicy
 from qwen_jax.models.attention import ATTENTION_FNS

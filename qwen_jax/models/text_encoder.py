@@ -39,7 +39,7 @@ from qwen_jax.models.dtypes import DtypePolicy
 from qwen_jax.models.layers import silu
 from qwen_jax.models.remat import REMAT_POLICIES
 from qwen_jax.models.stack import scan_layers, stacked
-from qwen_jax.pytree import flatten_params
+from qwen_jax.pytree import fill_abstract, flatten_params
 
 ARCHITECTURE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -320,22 +320,9 @@ def abstract_model(cfg: TextEncoderConfig) -> QwenTextEncoder:
 
 
 def from_params(cfg: TextEncoderConfig, params) -> QwenTextEncoder:
-    """The model holding `params` (nested dict, e.g. from `text_encoder_state_dict_to_params`).
-
-    Built abstractly and filled in: no random initialisation of 7B parameters first. Every
-    leaf must be given, with the abstract shape; leaves are cast to `cfg.param_dtype`.
-    """
-    model = abstract_model(cfg)
-    want = abstract_params(cfg)
-    got = flatten_params(params)
-    if set(got) != set(want):
-        raise ValueError(f"params do not match the model: missing {sorted(set(want) - set(got))[:4]}, "
-                         f"unexpected {sorted(set(got) - set(want))[:4]}")
-    bad = [p for p in want if tuple(np.shape(got[p])) != tuple(want[p].shape)]
-    if bad:
-        raise ValueError(f"params of the wrong shape: {bad[:4]}")
-    nnx.update(model, jax.tree.map(lambda a: jnp.asarray(a, cfg.jnp_param_dtype), params))
-    return model
+    """The model holding `params` (nested dict, e.g. from `text_encoder_state_dict_to_params`),
+    built abstractly: no random initialisation of 7B parameters first."""
+    return fill_abstract(abstract_model(cfg), params)
 
 
 def abstract_params(cfg: TextEncoderConfig) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:

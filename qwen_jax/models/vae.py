@@ -30,7 +30,7 @@ from flax import nnx
 
 from qwen_jax.models.dtypes import DtypePolicy
 from qwen_jax.models.layers import silu
-from qwen_jax.pytree import flatten_params
+from qwen_jax.pytree import fill_abstract, flatten_params
 
 ARCHITECTURE_FIELDS = ("base_dim", "z_dim", "dim_mult", "num_res_blocks", "attn_scales", "temperal_downsample",
                        "dropout", "input_channels", "latents_mean", "latents_std")
@@ -361,11 +361,6 @@ def count_params(cfg: VAEConfig) -> int:
 
 
 def model_from_params(cfg: VAEConfig, params: dict) -> AutoencoderKLQwenImage:
-    """The model holding `params` (nested dict with string keys, e.g. from `vae_state_dict_to_params`).
-
-    Built from the abstract model, so no random initialisation runs (on CPU, eager init of the
-    many differently shaped conv kernels costs seconds of compilation).
-    """
-    graphdef, state = nnx.split(abstract_model(cfg))
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, params))
-    return nnx.merge(graphdef, state)
+    """The model holding `params` (nested dict, e.g. from `vae_state_dict_to_params`), built
+    abstractly: eager random init of the many conv shapes would cost seconds of compilation."""
+    return fill_abstract(abstract_model(cfg), params)
