@@ -76,7 +76,12 @@ class ParamWriter:
         self.path = Path(folder) / PARAMS_DIR
 
     def add(self, path: tuple[str, ...], value: np.ndarray) -> None:
-        ocp.partial.save(self.path, unflatten_params({path: value}))
+        ctx = ocp.Context()
+        # zstd buys ~nothing on float weights but holds ~3 extra copies of the leaf while it
+        # works (peak 2.6 GB vs 1.4 GB converting a 3.5 GB checkpoint); write uncompressed.
+        ctx.array.saving.use_compression = False
+        with ctx:
+            ocp.partial.save(self.path, unflatten_params({path: value}))
 
     def finalize(self) -> None:
         ocp.partial.finalize(self.path)
