@@ -81,7 +81,7 @@ def shift_sigmas(sigmas, cfg: SchedulerConfig, mu: float | None = None) -> np.nd
             e = math.exp(mu) if cfg.time_shift_type == "exponential" else mu
             s = e / (e + (1 / s - 1))
         else:
-            s = cfg.shift * s / (1 + (cfg.shift - 1) * s)
+            s = static_shift(s, cfg.shift)
     if cfg.shift_terminal:
         if len(s) < 2 or s[-1] == 1:
             # diffusers divides 0 by 0 here and returns NaN sigmas; refuse instead.
@@ -116,6 +116,32 @@ def model_time(sigmas) -> np.ndarray:
     """The time the transformer sees for each sigma: diffusers' `(sigma * 1000) / 1000` in float32."""
     t = np.asarray(sigmas, np.float32) * np.float32(1000)
     return (t / np.float32(1000)).astype(np.float32)
+
+
+# ---- training-time sigmas ---------------------------------------------------------------------
+
+TIMESTEP_SAMPLINGS = ("uniform", "logit_normal")
+
+
+def static_shift(sigma, shift: float):
+    """shift * s / (1 + (shift - 1) * s): moves mass towards high noise for shift > 1."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def sample_training_sigmas(key: jax.Array, shape, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
+                           shift: float | None = None) -> jax.Array:
+    """Sigmas for flow-matching training, in (0, 1).
+
+    kind "uniform": U(0, 1); "logit_normal": sigmoid(N(mean, std)) (SD3's choice). An optional
+    static `shift` is applied afterwards, as at sampling time.
+    """
+    if kind == "uniform":
+        sigma = jax.random.uniform(key, shape, jnp.float32, minval=1e-5, maxval=1.0)
+    elif kind == "logit_normal":
+        sigma = jax.nn.sigmoid(mean + std * jax.random.normal(key, shape, jnp.float32))
+    else:
+        raise ValueError(f"unknown timestep sampling {kind!r}; choose from {TIMESTEP_SAMPLINGS}")
+    return static_shift(sigma, shift) if shift else sigma
 
 
 # ---- conversions between noise, data and velocity ---------------------------------------------

@@ -97,3 +97,18 @@ def test_bad_schedules_are_explained():
         flow.shift_sigmas([1.0, 0.5], flow.SchedulerConfig.qwen_image())
     with pytest.raises(ValueError, match="num_steps"):
         flow.sampling_sigmas(0)
+
+
+def test_training_sigmas():
+    key = jax.random.key(0)
+    u = flow.sample_training_sigmas(key, (20000,), "uniform")
+    ln = flow.sample_training_sigmas(key, (20000,), "logit_normal")
+    shifted = flow.sample_training_sigmas(key, (20000,), "logit_normal", shift=3.0)
+    for s in (u, ln, shifted):
+        assert s.dtype == jnp.float32 and float(s.min()) > 0 and float(s.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(ln.mean()) - 0.5) < 0.01
+    assert float(jnp.mean(jnp.abs(ln - 0.5))) < float(jnp.mean(jnp.abs(u - 0.5)))  # logit-normal favours the middle
+    np.testing.assert_allclose(shifted, flow.static_shift(ln, 3.0), rtol=1e-6)
+    assert float(shifted.mean()) > 0.6
+    with pytest.raises(ValueError, match="timestep sampling"):
+        flow.sample_training_sigmas(key, (2,), "cosine")
