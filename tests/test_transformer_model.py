@@ -106,3 +106,16 @@ def test_fused_attention_key_reordering_matches_masked_attention():
     want = attention(q, kk, v, mask, "xla")
     np.testing.assert_allclose(_fused(q, kk, v, mask, "xla"), want, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(_fused(q, kk, v, None, "xla"), attention(q, kk, v, None, "xla"), rtol=1e-5, atol=1e-5)
+
+
+def test_mesh_from_sizes_with_fill():
+    mesh = sharding.make_mesh(data=2, fsdp=-1)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert dict(sharding.make_mesh(tensor=2).shape) == {"data": 1, "fsdp": 4, "tensor": 2}
+    assert sharding.batch_sharding(mesh, 3).spec == PartitionSpec(("data", "fsdp"), None, None)
+    with pytest.raises(ValueError, match="cannot be split"):
+        sharding.make_mesh(data=3)
+    with pytest.raises(ValueError, match="at most one -1"):
+        sharding.make_mesh(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="needs 4 devices"):
+        sharding.make_mesh(data=2, fsdp=2, tensor=1)
