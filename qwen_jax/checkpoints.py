@@ -26,7 +26,7 @@ from jax.sharding import Mesh
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.models.config import TransformerConfig
-from qwen_jax.models.transformer import QwenImageTransformer, abstract_model
+from qwen_jax.models.transformer import QwenImageTransformer, abstract_model, merge_lora
 from qwen_jax.pytree import flatten_params, unflatten_params
 
 CONFIG_FILE = "config.json"
@@ -115,7 +115,12 @@ def read_param(folder: str | os.PathLike, path: tuple[str, ...], shape, dtype) -
 
 
 def save_transformer(model: QwenImageTransformer, folder: str | os.PathLike, overwrite: bool = False) -> None:
-    """Writes a model (its config and parameters) as a transformer folder, atomically."""
+    """Writes a model (its config and parameters) as a transformer folder, atomically.
+
+    A model with LoRA adapters is written merged (kernel + scale * A @ B), loadable as a plain
+    model; `qwen_jax.conversion.lora.save_lora` writes the adapters alone.
+    """
+    model = merge_lora(model)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with atomic_output_dir(folder, overwrite=overwrite) as tmp:
         write_config(tmp, model.config.to_diffusers_config())
@@ -127,19 +132,23 @@ def stored_dtype(folder: str | os.PathLike) -> str:
     return np.dtype(next(iter(param_metadata(folder).values()))[1]).name
 
 
-def load_into(folder: str | os.PathLike, abstract: nnx.Module, shardings=None) -> nnx.Module:
-    """Reads a component's parameters into the abstract module `abstract` (from nnx.eval_shape).
+def load_params(folder: str | os.PathLike, wanted: dict, shardings=None) -> dict:
+    """{path: array} for the abstract {path: ShapeDtypeStruct} `wanted`, read from a component folder.
 
     shardings: {path: Sharding} to restore each parameter straight into (default: one device).
-    Stored parameters are cast to the abstract module's dtypes while loading.
+    Stored parameters are cast to the wanted dtypes while loading.
     """
-    graphdef, abstract_state = nnx.split(abstract)
-    wanted = flatten_params(abstract_state)
     check_stored_params(folder, param_metadata(folder), {p: tuple(v.shape) for p, v in wanted.items()})
     shardings = shardings or {p: sharding_lib.single_device() for p in wanted}
     target = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p]) for p, v in wanted.items()}
-    loaded = ocp.load(Path(folder) / PARAMS_DIR, unflatten_params(target))
-    nnx.replace_by_pure_dict(abstract_state, loaded)
+    return flatten_params(ocp.load(Path(folder) / PARAMS_DIR, unflatten_params(target)))
+
+
+def load_into(folder: str | os.PathLike, abstract: nnx.Module, shardings=None) -> nnx.Module:
+    """Reads a component's parameters into the abstract module `abstract` (from nnx.eval_shape)."""
+    graphdef, abstract_state = nnx.split(abstract)
+    loaded = load_params(folder, flatten_params(abstract_state), shardings)
+    nnx.replace_by_pure_dict(abstract_state, unflatten_params(loaded))
     return nnx.merge(graphdef, abstract_state)
 
 
@@ -152,6 +161,9 @@ def load_transformer(
     remat: str = "none",
     mesh: Mesh | None = None,
     rules=sharding_lib.DEFAULT_RULES,
+    lora_rank: int = 0,
+    lora_alpha: float | None = None,
+    seed: int = 0,
 ) -> QwenImageTransformer:
     """The ready model from a transformer folder.
 
@@ -159,12 +171,21 @@ def load_transformer(
     dtype: compute dtype (default: param_dtype).
     mesh: place every parameter straight into its sharding on this mesh (`rules` map logical
       axes to mesh axes); without one, parameters land on the default device.
+    lora_rank, lora_alpha: add fresh LoRA adapters (seeded by `seed`) on the loaded base.
     """
     param_dtype = param_dtype or stored_dtype(folder)
-    cfg = read_config(folder, param_dtype=param_dtype, dtype=dtype or param_dtype, attention=attention, remat=remat)
-    abstract = abstract_model(cfg)
+    cfg = read_config(folder, param_dtype=param_dtype, dtype=dtype or param_dtype, attention=attention, remat=remat,
+                      lora_rank=lora_rank, lora_alpha=lora_alpha)
+    graphdef, abstract_state = nnx.split(abstract_model(cfg))
+    wanted = flatten_params(abstract_state)
     shardings = None
     if mesh is not None:
-        shapes = {p: v.shape for p, v in flatten_params(nnx.state(abstract)).items()}
-        shardings = sharding_lib.param_shardings(shapes, mesh, rules)
-    return load_into(folder, abstract, shardings)
+        shardings = sharding_lib.param_shardings({p: v.shape for p, v in wanted.items()}, mesh, rules)
+    base = {p: v for p, v in wanted.items() if p[-1] not in ("lora_a", "lora_b")}
+    loaded = load_params(folder, base, None if shardings is None else {p: shardings[p] for p in base})
+    if cfg.lora_rank:  # fresh adapters (B = 0: the model starts equal to the base)
+        adapters = flatten_params(jax.jit(lambda: nnx.state(QwenImageTransformer(cfg, rngs=nnx.Rngs(seed)),
+                                                            nnx.LoRAParam))())
+        loaded.update({p: jax.device_put(v, shardings[p]) if shardings else v for p, v in adapters.items()})
+    nnx.replace_by_pure_dict(abstract_state, unflatten_params(loaded))
+    return nnx.merge(graphdef, abstract_state)

@@ -81,7 +81,14 @@ def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
 
 
 def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of the parameter at "/"-joined `path` (stacked blocks get "layers" first)."""
+    """Logical axes of the parameter at "/"-joined `path` (stacked blocks get "layers" first).
+
+    LoRA factors follow their kernel: `lora_a` (in, r) keeps the kernel's input axis, `lora_b`
+    (r, out) its output axis; the rank axis is never split.
+    """
+    if path.endswith(("/lora_a", "/lora_b")):
+        kernel = logical_axes(path.rsplit("/", 1)[0] + "/kernel", ndim)
+        return kernel[:-1] + (None,) if path.endswith("a") else kernel[:-2] + (None, kernel[-1])
     for pattern, axes in PARAM_LOGICAL_AXES:
         if re.search(pattern, path):
             axes = (("layers",) + axes) if path.startswith(STACKED_PREFIX) else axes

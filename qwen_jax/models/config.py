@@ -56,6 +56,7 @@ class TransformerConfig(DtypePolicy):
         dtype: compute dtype of matmuls and the residual streams; norms, softmax and RoPE run in fp32.
         attention: "xla" (default, any backend), "cudnn" (GPU, bf16/fp16) or "splash" (TPU, not yet).
         remat: a policy name from `qwen_jax.models.remat.REMAT_POLICIES`.
+        lora_rank, lora_alpha, lora_targets: LoRA adapters (see `qwen_jax.models.lora`).
     """
 
     patch_size: int = 2
@@ -71,6 +72,9 @@ class TransformerConfig(DtypePolicy):
     dtype: str = "float32"
     attention: str = "xla"
     remat: str = "none"
+    lora_rank: int = 0  # 0: no adapters
+    lora_alpha: float | None = None  # None: alpha = rank (scale 1)
+    lora_targets: tuple[str, ...] = ("attn", "mlp", "mod")
 
     def __post_init__(self):
         object.__setattr__(self, "axes_dims_rope", tuple(int(a) for a in self.axes_dims_rope))
@@ -83,6 +87,10 @@ class TransformerConfig(DtypePolicy):
         self.check_dtypes()
         if self.attention not in ATTENTION_FNS:
             raise ValueError(f"attention must be one of {sorted(ATTENTION_FNS)}, got {self.attention!r}")
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if self.lora_rank < 0 or any(t not in ("attn", "mlp", "mod") for t in self.lora_targets):
+            raise ValueError(f"lora_rank must be >= 0 and lora_targets within attn/mlp/mod, got "
+                             f"{self.lora_rank}, {self.lora_targets}")
         if self.remat not in REMAT_POLICIES:
             raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {self.remat!r}")
 
@@ -90,6 +98,10 @@ class TransformerConfig(DtypePolicy):
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def lora_scale(self) -> float:
+        return (self.lora_alpha or self.lora_rank) / self.lora_rank if self.lora_rank else 0.0
 
     @property
     def out_features(self) -> int:

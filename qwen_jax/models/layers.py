@@ -13,16 +13,22 @@ import jax.numpy as jnp
 from flax import nnx
 
 from qwen_jax.models.config import TransformerConfig
+from qwen_jax.models.lora import LoRALinear
 
 NORM_EPS = 1e-6
 
 
-def linear(cfg: TransformerConfig, in_features: int, out_features: int, *, rngs: nnx.Rngs) -> nnx.Linear:
-    """A biased Linear in the config's dtypes (kernel stored (in, out), i.e. torch weight.T)."""
-    return nnx.Linear(
-        in_features, out_features, use_bias=True,
-        dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs,
-    )
+def linear(cfg: TransformerConfig, in_features: int, out_features: int, *, rngs: nnx.Rngs,
+           lora_target: str | None = None) -> nnx.Linear:
+    """A biased Linear in the config's dtypes (kernel stored (in, out), i.e. torch weight.T).
+
+    With `lora_target` among `cfg.lora_targets` and `cfg.lora_rank > 0`, a `LoRALinear`.
+    """
+    kwargs = dict(use_bias=True, dtype=cfg.jnp_dtype, param_dtype=cfg.jnp_param_dtype, rngs=rngs)
+    if cfg.lora_rank and lora_target in cfg.lora_targets:
+        return LoRALinear(in_features, out_features, rank=cfg.lora_rank, alpha=cfg.lora_alpha or cfg.lora_rank,
+                          **kwargs)
+    return nnx.Linear(in_features, out_features, **kwargs)
 
 
 class RMSNorm(nnx.Module):
@@ -96,8 +102,8 @@ class FeedForward(nnx.Module):
     """`proj_in -> GELU(tanh) -> proj_out` with 4x expansion (diffusers `net.0.proj`, `net.2`)."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs, mult: int = 4):
-        self.proj_in = linear(cfg, cfg.inner_dim, mult * cfg.inner_dim, rngs=rngs)
-        self.proj_out = linear(cfg, mult * cfg.inner_dim, cfg.inner_dim, rngs=rngs)
+        self.proj_in = linear(cfg, cfg.inner_dim, mult * cfg.inner_dim, rngs=rngs, lora_target="mlp")
+        self.proj_out = linear(cfg, mult * cfg.inner_dim, cfg.inner_dim, rngs=rngs, lora_target="mlp")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         h = self.proj_in(x)

@@ -20,7 +20,8 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from qwen_jax.models import rope
-from qwen_jax.pytree import flatten_params
+from qwen_jax.models import lora as lora_lib
+from qwen_jax.pytree import fill_abstract, flatten_params, unflatten_params
 from qwen_jax.models.attention import attention
 from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.layers import (
@@ -36,7 +37,7 @@ class JointAttention(nnx.Module):
         d, hd = cfg.inner_dim, cfg.attention_head_dim
         self.heads, self.impl = cfg.num_attention_heads, cfg.attention
         for name in ("to_q", "to_k", "to_v", "add_q_proj", "add_k_proj", "add_v_proj", "to_out", "to_add_out"):
-            setattr(self, name, linear(cfg, d, d, rngs=rngs))
+            setattr(self, name, linear(cfg, d, d, rngs=rngs, lora_target="attn"))
         for name in ("norm_q", "norm_k", "norm_added_q", "norm_added_k"):
             setattr(self, name, RMSNorm(hd, cfg))
 
@@ -61,8 +62,8 @@ class QwenImageTransformerBlock(nnx.Module):
     """One dual-stream block: adaLN-modulated joint attention and per-stream MLPs."""
 
     def __init__(self, cfg: TransformerConfig, *, rngs: nnx.Rngs):
-        self.img_mod = linear(cfg, cfg.inner_dim, 6 * cfg.inner_dim, rngs=rngs)
-        self.txt_mod = linear(cfg, cfg.inner_dim, 6 * cfg.inner_dim, rngs=rngs)
+        self.img_mod = linear(cfg, cfg.inner_dim, 6 * cfg.inner_dim, rngs=rngs, lora_target="mod")
+        self.txt_mod = linear(cfg, cfg.inner_dim, 6 * cfg.inner_dim, rngs=rngs, lora_target="mod")
         self.attn = JointAttention(cfg, rngs=rngs)
         self.img_mlp = FeedForward(cfg, rngs=rngs)
         self.txt_mlp = FeedForward(cfg, rngs=rngs)
@@ -172,3 +173,20 @@ def abstract_params(cfg: TransformerConfig) -> dict[tuple[str, ...], jax.ShapeDt
 
 def count_params(cfg: TransformerConfig) -> int:
     return sum(int(np.prod(p.shape)) for p in abstract_params(cfg).values())
+
+
+def merge_lora(model: QwenImageTransformer) -> QwenImageTransformer:
+    """A plain model (no adapters) whose kernels are `kernel + (alpha/r) * lora_a @ lora_b`."""
+    cfg = model.config
+    if not cfg.lora_rank:
+        return model
+    flat = flatten_params(nnx.state(model, nnx.Param))
+    merged = {}
+    for path, value in flat.items():
+        if path[-1] in ("lora_a", "lora_b"):
+            continue
+        if path[-1] == "kernel" and path[:-1] + ("lora_a",) in flat:
+            value = lora_lib.merged_kernel(value, flat[path[:-1] + ("lora_a",)], flat[path[:-1] + ("lora_b",)],
+                                           cfg.lora_scale)
+        merged[path] = value
+    return fill_abstract(abstract_model(cfg.replace(lora_rank=0)), unflatten_params(merged))
