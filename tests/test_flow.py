@@ -35,6 +35,7 @@ def test_qwen_image_schedule_matches_diffusers(num_steps, pixels):
     np.testing.assert_array_equal(flow.model_time(got[:-1]), (timesteps / np.float32(1000)).astype(np.float32))
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered in divide:RuntimeWarning")  # diffusers 0/0
 def test_one_step_with_terminal_stretch_is_refused_not_nan():
     want, _ = diffusers_sigmas(QWEN_SCHEDULER, 1, 4096)
     assert np.isnan(want[0])  # diffusers' own answer is 0/0
