@@ -145,7 +145,7 @@ def test_conversion_never_imports_torch(tmp_path):
     tm.save_pretrained(tmp_path / "src")
     code = (
         "import sys, runpy; sys.argv = ['convert_weights.py', sys.argv[1], sys.argv[2], '--quiet'];\n"
-        "try:\n    runpy.run_path(sys.argv[0] if False else %r, run_name='__main__')\n"
+        "try:\n    runpy.run_path(%r, run_name='__main__')\n"
         "except SystemExit as e:\n    assert e.code == 0, e.code\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     ) % str(REPO / "tools" / "convert_weights.py")
