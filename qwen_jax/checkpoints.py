@@ -120,10 +120,14 @@ def save_transformer(model: QwenImageTransformer, folder: str | os.PathLike, ove
     A model with LoRA adapters is written merged (kernel + scale * A @ B), loadable as a plain
     model; `qwen_jax.conversion.lora.save_lora` writes the adapters alone.
     """
-    model = merge_lora(model)
+    save_module(merge_lora(model), model.config.to_diffusers_config(), folder, overwrite)
+
+
+def save_module(model: nnx.Module, config: dict, folder: str | os.PathLike, overwrite: bool = False) -> None:
+    """Writes any component (VAE, text encoder, ...) as config.json + params/, atomically."""
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
     with atomic_output_dir(folder, overwrite=overwrite) as tmp:
-        write_config(tmp, model.config.to_diffusers_config())
+        write_config(tmp, config)
         ocp.save(tmp / PARAMS_DIR, params)
 
 

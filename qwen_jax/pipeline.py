@@ -186,6 +186,25 @@ def load_text_encoder(folder: Path, dtype: str | None = None) -> QwenTextEncoder
     return checkpoints.load_into(folder, abstract_text_encoder(cfg))
 
 
+def save_pipeline(
+    folder: str | os.PathLike, *, transformer, vae, text_encoder, tokenizer, scheduler: flow.SchedulerConfig,
+    overwrite: bool = False,
+) -> None:
+    """Writes a converted pipeline folder (what `from_pretrained` reads) from in-memory components.
+
+    Used by training exports and by tests and the toy world to assemble small pipelines. The
+    transformer is written merged if it carries LoRA adapters.
+    """
+    with checkpoints.atomic_output_dir(folder, overwrite=overwrite) as tmp:
+        checkpoints.save_transformer(transformer, tmp / "transformer")
+        checkpoints.save_module(vae, vae.config.to_diffusers_config(), tmp / "vae")
+        checkpoints.save_module(text_encoder, text_encoder.config.to_transformers_config(), tmp / "text_encoder")
+        tokenizer.save_pretrained(tmp / "tokenizer")
+        (tmp / "scheduler").mkdir()
+        with open(tmp / "scheduler" / "scheduler_config.json", "w") as f:
+            json.dump(scheduler.to_diffusers_config(), f, indent=2)
+
+
 def is_converted(folder: Path) -> bool:
     return all((folder / c / checkpoints.PARAMS_DIR).is_dir() for c in ("transformer", "vae", "text_encoder"))
 
