@@ -3,7 +3,15 @@
 Batch layouts (one dict per step):
   images   {"images": (B, H, W, 3) float32 in [-1, 1], "captions": list[str] (B),
             "bucket": (W, H), "ids": (B,) int64 source indices}
+  cached   {"latents": (B, h, w, C) float32, "prompt_embeds": (B, T, D) float32 zero-padded to T,
+            the smallest multiple of 64 holding the batch's longest prompt, "prompt_mask": (B, T)
+            int32, "captions": list[str] (B), "bucket": (W, H), "ids": (B,) int64 cache indices}
   prompts  {"captions": list[str] (B), "ids": (B,) int64}
+
+A `CachedSource` (`cache.py`) is bucketed by its examples' exact sizes; its buckets default to
+the list it was written with, so a cache and the images it came from (read with `verify=True`,
+which drops the same unreadable files) give the same ids in the same order for the same seed,
+batch size and buckets.
 
 How an epoch is cut into batches. Examples are grouped by bucket; bucket b with n_b examples
 has floor(n_b / G) batch slots (ceil with `drop_remainder=False`: the last slot wraps around
@@ -37,6 +45,7 @@ import grain
 import numpy as np
 
 from qwen_jax.data import images as image_ops
+from qwen_jax.data.cache import CachedSource, check_buckets
 from qwen_jax.data.sources import DataError, ImageCaptionSource, PromptSource, _try, logger
 
 
@@ -50,15 +59,16 @@ def _num_slots(n: int, global_batch: int, drop_remainder: bool) -> int:
 
 
 class Loader:
-    """Batches for training from a `PromptSource` or an `ImageCaptionSource`.
+    """Batches for training from a `PromptSource`, an `ImageCaptionSource` or a `CachedSource`.
 
-    batch_size: examples per batch in this process; buckets: (width, height) pairs (images only;
-    default `official_buckets()`, the 7 native Qwen-Image sizes); num_epochs: None repeats
+    batch_size: examples per batch in this process; buckets: (width, height) pairs (images:
+    default `official_buckets()`, the 7 native Qwen-Image sizes; a cache: default its own, and
+    every cached size must be one of them); num_epochs: None repeats
     forever; shard_index / shard_count: this process's slice of each global batch;
     num_threads / prefetch: grain read threads and batches decoded ahead (0 = in the caller).
     """
 
-    def __init__(self, source: PromptSource | ImageCaptionSource, batch_size: int, *,
+    def __init__(self, source: PromptSource | ImageCaptionSource | CachedSource, batch_size: int, *,
                  buckets: Sequence[image_ops.Bucket] | None = None, seed: int = 0,
                  num_epochs: int | None = None, drop_remainder: bool = True, shard_index: int = 0,
                  shard_count: int = 1, num_threads: int = 0, prefetch: int = 2):
@@ -76,12 +86,19 @@ class Loader:
         self.read_options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=prefetch)
 
         self.has_images = isinstance(source, ImageCaptionSource)
+        self.cached = isinstance(source, CachedSource)
         if self.has_images:
-            self.buckets = tuple(tuple(b) for b in (buckets or image_ops.official_buckets()))
-            for w, h in self.buckets:
-                if w % 16 or h % 16 or w < 16 or h < 16:
-                    raise ValueError(f"bucket {(w, h)} is not a positive multiple of 16")
+            self.buckets = check_buckets(buckets or image_ops.official_buckets())
             assign = [image_ops.nearest_bucket(w, h, self.buckets) for w, h in source.sizes]
+            members = [[i for i, b in enumerate(assign) if b == k] for k in range(len(self.buckets))]
+        elif self.cached:
+            self.buckets = check_buckets(buckets or source.buckets)
+            lookup = {b: k for k, b in reversed(list(enumerate(self.buckets)))}
+            absent = sorted(set(source.sizes) - set(lookup))
+            if absent:
+                raise DataError(f"{source.path}: cached sizes {absent} are in none of the buckets; "
+                                "leave buckets out to use the cache's own")
+            assign = [lookup[s] for s in source.sizes]
             members = [[i for i, b in enumerate(assign) if b == k] for k in range(len(self.buckets))]
         else:
             self.buckets = (None,)
@@ -144,6 +161,8 @@ class Loader:
         positions = range(start, start + self.batch_size)
         if not self.has_images:
             ids = [self._member(bucket, epoch, p) for p in positions]
+            if self.cached:
+                return {**self.source.batch(ids), "bucket": self.buckets[bucket]}
             return {"captions": [self.source.prompts[i] for i in ids], "ids": np.asarray(ids, np.int64)}
 
         size = self.buckets[bucket]
