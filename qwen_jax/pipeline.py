@@ -40,7 +40,7 @@ ASPECT_RATIOS = {"1:1": (1328, 1328), "16:9": (1664, 928), "9:16": (928, 1664), 
                  "3:4": (1104, 1472), "3:2": (1584, 1056), "2:3": (1056, 1584)}
 ASPECT_RATIOS_2K = {k: (16 * round(w * 2048 / 1328 / 16), 16 * round(h * 2048 / 1328 / 16))
                     for k, (w, h) in ASPECT_RATIOS.items()}
-PIXELS_PER_TOKEN = 16  # 8x VAE downsampling times 2x2 packing
+PIXELS_PER_TOKEN = 16  # Qwen-Image: 8x VAE downsampling times 2x2 packing (`Pipeline.pixels_per_token`)
 
 
 def default_cache_dir() -> Path:
@@ -98,10 +98,16 @@ class Pipeline:
         return prompt_lib.encode_prompts(prompts, self.tokenizer, self.encode_text,
                                          max_sequence_length=max_sequence_length)
 
+    @property
+    def pixels_per_token(self) -> int:
+        """Image pixels per side of one transformer token: the VAE factor times the 2x2 packing."""
+        return 2 * self.vae.config.spatial_factor
+
     def decode_latents(self, latents: jax.Array, height: int, width: int) -> jax.Array:
         """Packed latents (B, L_img, 4C) -> images (B, H, W, 3) in [0, 1]."""
         cfg = self.vae.config
-        z = unpack_latents(latents, 2 * (height // PIXELS_PER_TOKEN), 2 * (width // PIXELS_PER_TOKEN))
+        px = self.pixels_per_token
+        z = unpack_latents(latents, 2 * (height // px), 2 * (width // px))
         z = denormalize_latents(z.astype(cfg.jnp_dtype), cfg.latents_mean, cfg.latents_std)
         return jnp.clip(self._decode(self.vae_state, z).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -130,9 +136,10 @@ class Pipeline:
         packed, overrides the seeds. `sigmas` overrides the base grid of the schedule.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if height % PIXELS_PER_TOKEN or width % PIXELS_PER_TOKEN:
-            raise ValueError(f"height and width must be multiples of {PIXELS_PER_TOKEN}, got {height}x{width}")
-        grid = (1, height // PIXELS_PER_TOKEN, width // PIXELS_PER_TOKEN)
+        px = self.pixels_per_token
+        if height % px or width % px:
+            raise ValueError(f"height and width must be multiples of {px}, got {height}x{width}")
+        grid = (1, height // px, width // px)
         n_img = grid[1] * grid[2]
         channels = self.transformer.config.in_channels
         if latents is None:

@@ -191,7 +191,7 @@ def train(config, workdir: str | Path, devices=None) -> dict:
         functools.partial(objective.train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=config),
         in_shardings=(shardings, state_lib.tree_shardings(frozen, mesh), None),
         out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
-    sampler = (evaluation.GridSampler(config.eval, conditioner, graphdef, _scheduler(pretrained))
+    sampler = (evaluation.GridSampler(config.eval, conditioner, graphdef, _scheduler(pretrained), mesh)
                if config.eval.every else None)
 
     # ---- The loop ---------------------------------------------------------------------------
@@ -265,7 +265,15 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "a configs/<name>.py[:
 _WORKDIR = flags.DEFINE_string("workdir", None, "folder for checkpoints, logs and exports (resumed if it has any)")
 
 
+class _QuietLibraries:
+    """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
+
+    def filter(self, record) -> bool:
+        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+
+
 def main(argv) -> None:
+    logging.get_absl_handler().addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or not _WORKDIR.value:

@@ -111,3 +111,162 @@ def test_one_and_eight_devices_give_the_same_losses(tiny_pipeline_dir, images, t
         for path, value in flatten_params(moments).items():
             assert value.sharding.spec == want[path].spec, path
     assert state["step"].sharding.is_fully_replicated and int(state["step"]) == 5
+
+
+# -- resume -----------------------------------------------------------------------------------------
+def _wait_for_step(proc, workdir, step, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if any(m["step"] >= step for m in read_metrics(workdir)):
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"training exited early ({proc.returncode}): {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def _finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return out, err
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tiny_pipeline_dir, images, tmp_path_factory):  # noqa: F811
+    workdir = tmp_path_factory.mktemp("runs") / "straight"
+    out, err = _finish(cli(tiny_pipeline_dir, images, workdir, "--config.total_steps=10",
+                           "--config.checkpoint.every=3", "--config.eval.every=5"))
+    return workdir, out, err
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_pipeline_dir, images, uninterrupted,  # noqa: F811
+                                                         tmp_path):
+    reference = losses(uninterrupted[0])
+    assert sorted(reference) == list(range(1, 11))
+    workdir = tmp_path / "killed"
+    args = ("--config.total_steps=10", "--config.checkpoint.every=3", "--config.eval.every=5")
+    proc = cli(tiny_pipeline_dir, images, workdir, *args)
+    _wait_for_step(proc, workdir, 7)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert max(losses(workdir)) < 10  # really killed before the end
+    saved = checkpoints_steps(workdir)
+    assert saved and max(saved) < 10
+    out, err = _finish(cli(tiny_pipeline_dir, images, workdir, *args))
+    assert f"resuming from step {max(saved)}" in err
+    resumed = losses(workdir)
+    assert sorted(resumed) == list(range(1, 11))
+    assert resumed == reference  # bit for bit: floats written by repr
+    assert json.loads(out.strip().splitlines()[-1])["step"] == 10
+
+
+def checkpoints_steps(workdir) -> list[int]:
+    folder = Path(workdir) / "checkpoints"
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+def test_sigterm_saves_the_current_step_and_exits_zero(tiny_pipeline_dir, images, uninterrupted,  # noqa: F811
+                                                       tmp_path):
+    workdir = tmp_path / "terminated"
+    args = ("--config.total_steps=10", "--config.checkpoint.every=100", "--config.eval.every=0")
+    proc = cli(tiny_pipeline_dir, images, workdir, *args)
+    _wait_for_step(proc, workdir, 2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = _finish(proc, timeout=120)
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["stopped_by_signal"] and summary["step"] < 10
+    assert checkpoints_steps(workdir) == [summary["step"]]  # every=100: only the SIGTERM save
+    assert max(losses(workdir)) == summary["step"]
+    assert not (workdir / "export").exists()  # not finished: nothing exported
+    # and it resumes from there to the same losses as the straight run
+    _finish(cli(tiny_pipeline_dir, images, workdir, *args))
+    assert losses(workdir) == losses(uninterrupted[0])
+
+
+# -- logs, data skips, exports ----------------------------------------------------------------------
+def test_logs_skips_and_export_of_a_full_run(tiny_pipeline_dir, uninterrupted):  # noqa: F811
+    workdir, out, err = uninterrupted
+    assert "2 unreadable images were skipped" in err
+    assert "truncated.jpg" in err and "notes.png" in err
+    assert all(m["data/skipped"] == 2 for m in read_metrics(workdir))
+    tb = read_tensorboard(workdir / "tensorboard")
+    for tag in ("train/loss", "train/grad_norm", "train/param_norm", "train/lr", "perf/step_time_s",
+                "perf/images_per_s"):
+        assert [s for s, _ in tb["scalars"][tag]] == list(range(1, 11)), tag
+    np.testing.assert_allclose([v for _, v in tb["scalars"]["train/loss"]],
+                               [losses(workdir)[s] for s in range(1, 11)], rtol=1e-6)
+    assert [s for s, _ in tb["images"]["samples/grid"]] == [5, 10]
+    assert len(list((workdir / "samples").glob("*.png"))) == 2
+    assert json.loads((workdir / "config.json").read_text())["total_steps"] == 10
+
+    # the exported pipeline samples, and its transformer equals the trained parameters
+    from qwen_jax.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(workdir / "export")
+    img = pipe(["a red picture"], height=32, width=32, num_steps=2, guidance=1.0).array
+    assert img.shape == (1, 32, 32, 3) and np.isfinite(img).all()
+    assert not (workdir / "export" / "lora.safetensors").exists()  # full training: no adapters
+
+    # the exported transformer holds exactly the final trained parameters (checkpoint of step 10)
+    import orbax.checkpoint as ocp
+
+    final = flatten_params(ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "10" / "state")["params"])
+    exported = checkpoints.load_params(workdir / "export" / "transformer",
+                                       {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in final.items()})
+    assert final.keys() == exported.keys()
+    for path, value in final.items():
+        np.testing.assert_array_equal(np.asarray(exported[path]), value, err_msg=str(path))
+
+
+def test_lora_trains_adapters_only_and_exports_merged_and_peft(tiny_pipeline_dir, images, tmp_path):  # noqa: F811
+    from safetensors.numpy import load_file
+
+    sys.path.insert(0, str(REPO / "tools"))
+    import convert_weights
+
+    config = tiny_config(tiny_pipeline_dir, images, **{"total_steps": 3, "eval.every": 0, "model.lora_rank": 4,
+                                                      "model.lora_alpha": 8.0, "ema.decay": 0.5})
+    result = train(config, tmp_path / "lora")
+    trained, frozen = flatten_params(result["state"]["params"]), flatten_params(result["frozen"])
+    assert trained and all(p[-1] in ("lora_a", "lora_b") for p in trained)
+    assert all(np.abs(np.asarray(v)).max() > 0 for p, v in trained.items() if p[-1] == "lora_b")  # B moved off 0
+    base_folder = tiny_pipeline_dir / "transformer"
+    base = checkpoints.load_params(base_folder, {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in frozen.items()})
+    assert base.keys() == frozen.keys()
+    for path, value in frozen.items():  # the base is bit-identical after training
+        np.testing.assert_array_equal(np.asarray(value), np.asarray(base[path]), err_msg=str(path))
+
+    # export: merged kernels = base + (alpha / rank) * A @ B of the EMA weights (export.use_ema)
+    ema = {p: np.asarray(v) for p, v in flatten_params(result["state"]["ema"]).items()}
+    export = tmp_path / "lora" / "export"
+    merged = checkpoints.load_params(export / "transformer",
+                                     {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in frozen.items()})
+    n_merged = 0
+    for path, a in ema.items():
+        if path[-1] != "lora_a":
+            continue
+        kernel = path[:-1] + ("kernel",)
+        want = merged_kernel(np.asarray(base[kernel]), a, ema[path[:-1] + ("lora_b",)], 8.0 / 4)
+        np.testing.assert_allclose(np.asarray(merged[kernel]), np.asarray(want), rtol=1e-6, atol=1e-7)
+        assert np.abs(np.asarray(merged[kernel]) - np.asarray(base[kernel])).max() > 0
+        n_merged += 1
+    assert n_merged >= 10
+    peft = load_file(export / "lora.safetensors")
+    assert peft and all(".lora_A.weight" in k or ".lora_B.weight" in k for k in peft)
+    assert "transformer.transformer_blocks.1.attn.to_q.lora_A.weight" in peft
+
+    # and the converter turns the export into a diffusers transformer folder
+    assert convert_weights.main([str(export / "transformer"), str(tmp_path / "diffusers"), "--to", "diffusers",
+                                 "--quiet"]) == 0
+    assert list((tmp_path / "diffusers").glob("*.safetensors"))
+
+
+def test_config_and_data_errors_are_one_line_and_nonzero(tiny_pipeline_dir, images, tmp_path):  # noqa: F811
+    proc = cli(tiny_pipeline_dir, images, tmp_path / "w", "--config.optim.lrr=1")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and "lrr" in err
+    proc = cli(tiny_pipeline_dir, tmp_path / "missing", tmp_path / "w2")
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("error:") and "missing" in err.strip().splitlines()[-1]

@@ -20,7 +20,6 @@ from qwen_jax.models import (AutoencoderKLQwenImage, QwenImageTransformer, QwenT
 from qwen_jax.pipeline import save_pipeline
 from qwen_tokenizer import build_qwen_tokenizer
 
-PIXELS_PER_TOKEN = 8
 
 
 def random_module(cls, cfg, seed: int):

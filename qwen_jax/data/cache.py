@@ -21,10 +21,10 @@ Folder layout (format version 1):
   uncond.safetensors   "prompt_embeds" (T_u, D): the unconditional prompt (default " "), for CFG dropout
 
 Each image is resized and centre-cropped to its nearest bucket with `images.load_image`, as the
-Loader does, and encoded by the same `Conditioner` calls the trainer makes. Text states equal
-the caption's own `encode_text([caption])` exactly (batch-mates share its padded token length),
-latents `encode_images` of the image alone up to the float rounding of the batch shape (~1e-6).
-Reading an example opens its shard's header and reads two tensors, never the whole shard.
+Loader does, and encoded by the same `Conditioner` calls the trainer makes. A caption is encoded
+only with batch-mates of its own padded token length, so its states never depend on which other
+captions shared its batch (the padded length, and XLA's batch-1 kernels, change float rounding
+by ~1e-6). Reading an example opens its shard's header and reads two tensors, never the shard.
 """
 
 from __future__ import annotations
@@ -63,16 +63,15 @@ def check_buckets(buckets: Sequence[image_ops.Bucket]) -> tuple[image_ops.Bucket
     return out
 
 
-def text_length(n: int) -> int:
-    """Padded prompt length for a batch whose longest prompt has n tokens: a multiple of 64."""
-    return max(TEXT_BUCKET, -(-n // TEXT_BUCKET) * TEXT_BUCKET)
+def _check_output(dst: Path, overwrite: bool) -> None:
+    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
+        raise DataError(f"{dst}: output exists and is not empty (choose a new path or overwrite)")
 
 
 @contextmanager
 def _atomic_dir(dst: Path, overwrite: bool):
     """A temporary sibling of `dst` to fill, renamed to `dst` only when the block succeeds."""
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise DataError(f"{dst}: output exists and is not empty (choose a new path or overwrite)")
+    _check_output(dst, overwrite)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -113,9 +112,9 @@ class _ShardWriter:
 def _trimmed_text(conditioner, captions: list[str], rows: int) -> list[np.ndarray]:
     """Per caption, its (T_i, D) float32 states without the padding.
 
-    Captions are encoded with batch-mates of the same padded input length (calls of `rows`
-    captions, short ones filled by repeats), so each result equals the caption encoded alone:
-    only the padded length, not the batch, changes the float rounding (by ~1e-6).
+    Captions are encoded in calls of `rows` (short calls filled by repeats) with batch-mates of
+    the same padded input length, so each result is what any batch of the caption with shorter
+    batch-mates gives: a longer padded length changes the float rounding (by ~1e-6).
     """
     from qwen_jax.sampling.prompts import DEFAULT_BUCKET, tokenize_prompts
 
@@ -137,6 +136,10 @@ def _trimmed_text(conditioner, captions: list[str], rows: int) -> list[np.ndarra
     return out
 
 
+def _decode(pool, source, chunk, bucket) -> list:
+    return [pool.submit(_try, image_ops.load_image, source.paths[i], bucket) for i in chunk]
+
+
 def write_cache(out_dir: str | PathLike, source: ImageCaptionSource, conditioner, *,
                 buckets: Sequence[image_ops.Bucket], batch_size: int = 8, uncond_prompt: str = " ",
                 overwrite: bool = False, progress: bool = True, shard_size: int = SHARD_SIZE,
@@ -148,22 +151,22 @@ def write_cache(out_dir: str | PathLike, source: ImageCaptionSource, conditioner
     appears only when complete; a non-empty `out_dir` is an error unless `overwrite`.
     `pipeline` is recorded in cache.json. Returns the cache.json metadata.
     """
+    out = Path(out_dir).expanduser()
+    _check_output(out, overwrite)
     buckets = check_buckets(buckets)
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
     assign = [image_ops.nearest_bucket(w, h, buckets) for w, h in source.sizes]
     members = [[i for i, b in enumerate(assign) if b == k] for k in range(len(buckets))]
-    out = Path(out_dir).expanduser()
     records: dict[int, dict] = {}
     with _atomic_dir(out, overwrite) as tmp:
         shards = _ShardWriter(tmp, shard_size)
 
         def encode(bucket, batch):
-            n, pad = len(batch), batch_size - len(batch)
-            ids = [i for i, _ in batch] + [batch[-1][0]] * pad
-            pixels = np.stack([a for _, a in batch] + [batch[-1][1]] * pad)
-            latents = np.asarray(conditioner.encode_images(pixels), np.float32)[:n]
-            texts = _trimmed_text(conditioner, [source.captions[i] for i in ids[:n]], batch_size)
+            ids, arrays = [i for i, _ in batch], [a for _, a in batch]
+            pixels = np.stack(arrays + arrays[-1:] * (batch_size - len(batch)))
+            latents = np.asarray(conditioner.encode_images(pixels), np.float32)
+            texts = _trimmed_text(conditioner, [source.captions[i] for i in ids], batch_size)
             for i, lat, emb in zip(ids, latents, texts):
                 shard, key = shards.add(lat, emb)
                 records[i] = {"caption": source.captions[i], "image": str(source.paths[i]), "bucket": list(bucket),
@@ -172,17 +175,18 @@ def write_cache(out_dir: str | PathLike, source: ImageCaptionSource, conditioner
         with ThreadPoolExecutor(max(1, num_threads)) as pool, \
                 tqdm(total=len(source), unit="img", desc="caching", disable=not progress) as bar:
             for bucket, idx in zip(buckets, members):
-                pending = []
-                for start in range(0, len(idx), batch_size):
-                    chunk = idx[start:start + batch_size]
-                    decoded = pool.map(lambda i, b=bucket: _try(image_ops.load_image, source.paths[i], b), chunk)
-                    for i, (array, error) in zip(chunk, decoded):
+                chunks = [idx[start:start + batch_size] for start in range(0, len(idx), batch_size)] + [[]]
+                pending, ahead = [], _decode(pool, source, chunks[0], bucket)
+                for c, chunk in enumerate(chunks[:-1]):  # chunk c + 1 decodes while chunk c is encoded
+                    futures, ahead = ahead, _decode(pool, source, chunks[c + 1], bucket)
+                    for i, future in zip(chunk, futures):
+                        array, error = future.result()
                         if error is None:
                             pending.append((i, array))
                         else:
                             source.mark_unreadable(i, error)
                     bar.update(len(chunk))
-                    last = start + batch_size >= len(idx)
+                    last = c == len(chunks) - 2
                     while len(pending) >= batch_size or (last and pending):
                         encode(bucket, pending[:batch_size])
                         pending = pending[batch_size:]
@@ -240,12 +244,10 @@ class CachedSource:
         index_path = self.path / INDEX_FILE
         if not index_path.is_file():
             raise DataError(f"{index_path}: missing; the cache is incomplete")
-        records = []
-        for number, obj in _jsonl_objects(index_path):
-            missing = [k for k in _FIELDS if k not in obj]
-            if missing:
-                raise DataError(f"{index_path}:{number}: record lacks {', '.join(missing)}")
-            records.append(obj)
+        records = [obj for _, obj in _jsonl_objects(index_path)]
+        for number, obj in enumerate(records, 1):
+            if any(k not in obj for k in _FIELDS):
+                raise DataError(f"{index_path}: record {number} lacks one of {', '.join(_FIELDS)}")
         if not records:
             raise DataError(f"{self.path}: empty cache (no examples)")
         if len(records) != meta.get("count"):
@@ -264,13 +266,8 @@ class CachedSource:
             raise DataError(f"{meta_path}: 'buckets' lacks sizes the examples have")
         logger.info("%d cached examples from %s", len(records), self.path)
 
-    @property
-    def skipped(self) -> list[tuple[str, str]]:
-        return []
-
-    @property
-    def num_skipped(self) -> int:
-        return 0
+    skipped = property(lambda self: [])
+    num_skipped = property(lambda self: 0)
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -287,7 +284,7 @@ class CachedSource:
     def batch(self, ids: Sequence[int]) -> dict:
         """Loader batch for these examples: prompt states zero-padded to a multiple of 64."""
         loaded = [self.load(i) for i in ids]
-        length = text_length(max(e.shape[0] for _, e in loaded))
+        length = max(TEXT_BUCKET, -(-max(len(e) for _, e in loaded) // TEXT_BUCKET) * TEXT_BUCKET)
         embeds = np.zeros((len(ids), length, loaded[0][1].shape[1]), np.float32)
         mask = np.zeros((len(ids), length), np.int32)
         for row, (_, e) in enumerate(loaded):

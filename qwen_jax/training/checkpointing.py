@@ -24,8 +24,10 @@ class Checkpoints:
     def __init__(self, workdir: str | os.PathLike, *, every: int, keep: int, async_save: bool = True):
         if every < 1 or keep < 1:
             raise ValueError(f"config.checkpoint.every={every} and .keep={keep} must both be >= 1")
+        self.every = every
         self.directory = Path(workdir).absolute() / CHECKPOINT_DIR
-        options = ocp.CheckpointManagerOptions(save_interval_steps=every, max_to_keep=keep, create=True,
+        # The interval is decided here (orbax would also save the first step it sees).
+        options = ocp.CheckpointManagerOptions(save_interval_steps=1, max_to_keep=keep, create=True,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -36,11 +38,11 @@ class Checkpoints:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: dict, data_state: dict, *, force: bool = False) -> bool:
-        """Starts saving (when due or forced); True if a save was started."""
-        if step in self.manager.all_steps():
+        """Starts saving when `step` is a multiple of `every` (or forced); True if a save was started."""
+        if not (force or step % self.every == 0) or step == self.manager.latest_step():
             return False
         return self.manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=force)
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(data_state)), force=True)
 
     def restore(self, step: int, abstract_state: dict) -> tuple[dict, dict]:
         """(train state in the shardings of `abstract_state`, data iterator state) at `step`."""

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_jax import flow
 from qwen_jax.models.latents import denormalize_latents, pack_latents, unpack_latents
@@ -32,7 +33,7 @@ def _decode(graphdef, state, z):
 class GridSampler:
     """`sampler(trainable, frozen)` -> one (H, W, 3) grid in [0, 1] of `cfg.prompts`' images."""
 
-    def __init__(self, cfg, conditioner: Conditioner, graphdef, scheduler: flow.SchedulerConfig):
+    def __init__(self, cfg, conditioner: Conditioner, graphdef, scheduler: flow.SchedulerConfig, mesh=None):
         factor = conditioner.pixels_per_latent
         if cfg.width % (2 * factor) or cfg.height % (2 * factor):
             raise ValueError(f"config.eval.width/height must be multiples of {2 * factor}, "
@@ -55,6 +56,10 @@ class GridSampler:
         seeds = [cfg.seed + i for i in range(len(prompts))]
         self.noise = pack_latents(sampler.initial_noise(seeds, (self.h, self.w, channels)))
         self.vae_graphdef, self.vae_state = nnx.split(conditioner.vae)
+        if mesh is not None:  # inputs and the VAE replicated over the mesh the weights live on
+            replicated = NamedSharding(mesh, PartitionSpec())
+            self.text, self.mask, self.noise, self.sigmas, self.times, self.vae_state, self.neg = jax.device_put(
+                (self.text, self.mask, self.noise, self.sigmas, self.times, self.vae_state, self.neg), replicated)
 
     def __call__(self, trainable: dict, frozen: dict) -> np.ndarray:
         state = nnx.State(merge_trees(trainable, frozen))
