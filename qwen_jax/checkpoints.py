@@ -188,8 +188,11 @@ def load_transformer(
     base = {p: v for p, v in wanted.items() if p[-1] not in ("lora_a", "lora_b")}
     loaded = load_params(folder, base, None if shardings is None else {p: shardings[p] for p in base})
     if cfg.lora_rank:  # fresh adapters (B = 0: the model starts equal to the base)
-        adapters = flatten_params(jax.jit(lambda: nnx.state(QwenImageTransformer(cfg, rngs=nnx.Rngs(seed)),
-                                                            nnx.LoRAParam))())
-        loaded.update({p: jax.device_put(v, shardings[p]) if shardings else v for p, v in adapters.items()})
+        abstract_adapters = nnx.state(abstract_model(cfg), nnx.LoRAParam)
+        out_sh = None if shardings is None else unflatten_params(
+            {p: shardings[p] for p in flatten_params(abstract_adapters)})  # created in place (multi-host safe)
+        init = jax.jit(lambda: nnx.to_pure_dict(nnx.state(QwenImageTransformer(cfg, rngs=nnx.Rngs(seed)),
+                                                          nnx.LoRAParam)), out_shardings=out_sh)
+        loaded.update(flatten_params(init()))
     nnx.replace_by_pure_dict(abstract_state, unflatten_params(loaded))
     return nnx.merge(graphdef, abstract_state)

@@ -140,4 +140,4 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def single_device() -> jax.sharding.Sharding:
-    return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this host's first device

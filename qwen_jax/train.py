@@ -229,8 +229,7 @@ def train(config, workdir: str | Path, devices=None) -> dict:
                         ", ".join(p for p, _ in loader.skipped[:10]))
     if not stopped and config.export.at_end and step >= config.total_steps:
         weights = state["ema"] if config.export.use_ema and "ema" in state else state["params"]
-        export_lib.export_run(workdir / "export", graphdef, weights, frozen, pipeline=pretrained,
-                              lora=lora, primary=pid == 0)
+        export_lib.export_run(workdir / "export", graphdef, weights, frozen, pipeline=pretrained, lora=lora)
     writer.close()
     logging.info("%s at step %d", "stopped by signal" if stopped else "finished", step)
     return {"step": step, "stopped_by_signal": stopped, "last_metrics": metrics, "skipped": loader.num_skipped,

@@ -58,8 +58,10 @@ class GridSampler:
         self.vae_graphdef, self.vae_state = nnx.split(conditioner.vae)
         if mesh is not None:  # inputs and the VAE replicated over the mesh the weights live on
             replicated = NamedSharding(mesh, PartitionSpec())
+            host = jax.tree.map(np.asarray, (self.text, self.mask, self.noise, self.sigmas, self.times,
+                                             self.vae_state, self.neg))  # numpy: valid on every host
             self.text, self.mask, self.noise, self.sigmas, self.times, self.vae_state, self.neg = jax.device_put(
-                (self.text, self.mask, self.noise, self.sigmas, self.times, self.vae_state, self.neg), replicated)
+                host, replicated)
 
     def __call__(self, trainable: dict, frozen: dict) -> np.ndarray:
         state = nnx.State(merge_trees(trainable, frozen))

@@ -19,8 +19,12 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+import orbax.checkpoint.experimental.v1 as ocp
+from flax import nnx
+
 from qwen_jax import checkpoints
 from qwen_jax.conversion.lora import save_lora
+from qwen_jax.models.transformer import merge_lora
 from qwen_jax.training.state import merge_model
 
 COPIED_COMPONENTS = ("vae", "text_encoder", "tokenizer", "scheduler")
@@ -40,20 +44,44 @@ def host_arrays(tree):
     return jax.tree.map(np.asarray, jax.device_get(tree))
 
 
+def _sync(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 def export_run(out: str | os.PathLike, graphdef, trainable: dict, frozen: dict, *, pipeline: str | os.PathLike,
-               lora: bool, primary: bool = True, overwrite: bool = True) -> Path | None:
-    """Writes `out` (see the module docstring) atomically; only the primary process writes."""
+               lora: bool) -> Path:
+    """Writes `out` (see the module docstring), replacing it atomically when complete.
+
+    Every process calls this (orbax writes collectively in a multi-host job); the first process
+    writes the files that are not arrays and renames the folder into place.
+    """
     from qwen_jax.pipeline import resolve_folder
 
-    trainable, frozen = host_arrays(trainable), host_arrays(frozen)
-    if not primary:
-        return None
-    model = merge_model(graphdef, trainable, frozen)
-    base = resolve_folder(pipeline)
-    with checkpoints.atomic_output_dir(out, overwrite=overwrite) as tmp:
-        checkpoints.save_transformer(model, tmp / "transformer")
-        for name in COPIED_COMPONENTS:
-            shutil.copytree(base / name, tmp / name, copy_function=_link_or_copy)
-        if lora:
-            save_lora(model, tmp / "lora.safetensors")
-    return Path(out)
+    out = Path(out)
+    model = merge_model(graphdef, host_arrays(trainable), host_arrays(frozen))
+    merged = merge_lora(model)
+    params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
+    primary = jax.process_index() == 0
+    tmp = out.parent / f".{out.name}.export-tmp"
+    if primary:
+        shutil.rmtree(tmp, ignore_errors=True)
+        (tmp / "transformer").mkdir(parents=True)
+    _sync("export:start")
+    try:
+        ocp.save(tmp / "transformer" / checkpoints.PARAMS_DIR, params)
+        if primary:
+            checkpoints.write_config(tmp / "transformer", merged.config.to_diffusers_config())
+            base = resolve_folder(pipeline)
+            for name in COPIED_COMPONENTS:
+                shutil.copytree(base / name, tmp / name, copy_function=_link_or_copy)
+            if lora:
+                save_lora(model, tmp / "lora.safetensors")
+            if out.exists():
+                shutil.rmtree(out)
+            tmp.rename(out)
+    finally:
+        if primary:
+            shutil.rmtree(tmp, ignore_errors=True)
+    _sync("export:done")
+    return out
