@@ -123,6 +123,18 @@ class BatchMaker:
                 for k, v in local.items()}
 
 
+def load_model(config, mesh) -> tuple:
+    """(graphdef, trainable, frozen) of the configured transformer, placed on `mesh`."""
+    pretrained = config.model.pretrained
+    with jax.set_mesh(mesh):
+        model = checkpoints.load_transformer(
+            config.model.transformer or Path(_resolve(pretrained)) / "transformer",
+            param_dtype=config.model.param_dtype, dtype=config.model.dtype, attention=config.model.attention,
+            remat=config.model.remat, mesh=mesh, lora_rank=config.model.lora_rank,
+            lora_alpha=config.model.lora_alpha or None, seed=config.seed)
+    return state_lib.split_trainable(model, config.model.lora_rank > 0)
+
+
 def train(config, workdir: str | Path, devices=None) -> dict:
     """Runs (or resumes) training in `workdir`.
 
@@ -168,14 +180,7 @@ def train(config, workdir: str | Path, devices=None) -> dict:
 
     # ---- Model, optimizer, train state ------------------------------------------------------
     lora = config.model.lora_rank > 0
-    with jax.set_mesh(mesh):
-        model = checkpoints.load_transformer(
-            config.model.transformer or Path(_resolve(pretrained)) / "transformer",
-            param_dtype=config.model.param_dtype, dtype=config.model.dtype, attention=config.model.attention,
-            remat=config.model.remat, mesh=mesh, lora_rank=config.model.lora_rank,
-            lora_alpha=config.model.lora_alpha or None, seed=config.seed)
-    graphdef, params, frozen = state_lib.split_trainable(model, lora)
-    del model
+    graphdef, params, frozen = load_model(config, mesh)
     tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
     shardings = state_lib.state_shardings(tx, params, mesh, ema=config.ema.decay > 0)
     if start_step:

@@ -270,3 +270,42 @@ def test_config_and_data_errors_are_one_line_and_nonzero(tiny_pipeline_dir, imag
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
     assert err.strip().splitlines()[-1].startswith("error:") and "missing" in err.strip().splitlines()[-1]
+
+
+def test_training_from_a_cache_equals_training_from_images(tiny_pipeline_dir, images, tmp_path):  # noqa: F811
+    import shutil
+
+    from qwen_jax.data import ImageCaptionSource, write_cache
+    from qwen_jax.training.conditioning import Conditioner
+
+    clean = tmp_path / "clean"  # the cache holds readable images only; compare on a clean folder
+    clean.mkdir()
+    for f in images.glob("img*"):
+        shutil.copy(f, clean / f.name)
+    buckets = [(32, 32), (48, 32)]
+    write_cache(tmp_path / "cache", ImageCaptionSource(clean), Conditioner.from_pretrained(tiny_pipeline_dir),
+                buckets=buckets, progress=False)
+    common = {"total_steps": 3, "eval.every": 0, "export.at_end": False}
+    train(tiny_config(tiny_pipeline_dir, clean, **common), tmp_path / "from_images")
+    cached = tiny_config(tiny_pipeline_dir, "", **common, **{"data.cache": str(tmp_path / "cache"), "data.buckets": ""})
+    train(cached, tmp_path / "from_cache")
+    a, b = losses(tmp_path / "from_images"), losses(tmp_path / "from_cache")
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)
+
+
+def test_export_cli_writes_any_saved_step(tiny_pipeline_dir, uninterrupted, tmp_path):  # noqa: F811
+    import orbax.checkpoint as ocp
+
+    from qwen_jax import export
+
+    workdir = uninterrupted[0]
+    assert export.main(["--workdir", str(workdir), "--step", "9", "--out", str(tmp_path / "e9")]) == 0
+    saved = flatten_params(ocp.StandardCheckpointer().restore(workdir / "checkpoints" / "9" / "state")["params"])
+    got = checkpoints.load_params(tmp_path / "e9" / "transformer",
+                                  {p: jax.ShapeDtypeStruct(v.shape, v.dtype) for p, v in saved.items()})
+    for path, value in saved.items():
+        np.testing.assert_array_equal(np.asarray(got[path]), value, err_msg=str(path))
+    assert (tmp_path / "e9" / "tokenizer").is_dir()
+    assert export.main(["--workdir", str(workdir), "--step", "4", "--out", str(tmp_path / "e4")]) == 1  # not kept
+    assert not (tmp_path / "e4").exists()
