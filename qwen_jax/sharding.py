@@ -52,6 +52,16 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
+# Activations (the image and text token streams between blocks): batch over every model replica.
+# Issue-level sequence sharding will map "activation_length" to a mesh axis here.
+ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("activation_batch", ("data", "fsdp")),
+    ("activation_length", None),
+    ("activation_embed", None),
+)
+TOKENS = ("activation_batch", "activation_length", "activation_embed")  # (B, L, D) streams
+
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every replica of the model
 
@@ -133,6 +143,24 @@ def place_state(state, mesh: Mesh, rules=DEFAULT_RULES):
     state = jax.tree.map(lambda x: x, state)  # a copy to fill, leaving the caller's intact
     nnx.replace_by_pure_dict(state, placed)
     return state
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None], rules=ACTIVATION_RULES) -> jax.Array:
+    """`with_sharding_constraint` by logical activation axes under the ambient mesh (`jax.set_mesh`).
+
+    Without a mesh (plain single-device use) this is the identity; a dimension the mesh axes do
+    not divide stays unsplit.
+    """
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return x
+    table, spec = dict(rules), []
+    for name, size in zip(logical, x.shape):
+        axes = table.get(name) if name else None
+        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a in mesh.shape)
+        split = math.prod(mesh.shape[a] for a in axes)
+        spec.append(axes if axes and size % split == 0 else None)
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

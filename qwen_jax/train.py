@@ -202,26 +202,27 @@ def train(config, workdir: str | Path, devices=None) -> dict:
     # ---- The loop ---------------------------------------------------------------------------
     stop = StopRequested().install()
     step, metrics, stopped = start_step, {}, False
-    timer = time.perf_counter()
+    timer, last_logged = time.perf_counter(), start_step
     try:
         while step < config.total_steps:
             batch = make_batch(next(data_iter), step)
-            state, metrics = step_fn(state, frozen, batch)
+            with jax.set_mesh(mesh):  # the frame in which activations follow the mesh's rules
+                state, metrics = step_fn(state, frozen, batch)
             step += 1
             ckpt.save(step, state, data_iter.get_state())
             if step % config.log.every == 0 or step == config.total_steps:
                 metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                elapsed = time.perf_counter() - timer
-                steps_done = config.log.every if step % config.log.every == 0 else step % config.log.every
+                elapsed, steps_done = time.perf_counter() - timer, step - last_logged
                 writer.scalars(step, {**{f"train/{k}": v for k, v in metrics.items()},
                                       "perf/step_time_s": elapsed / steps_done,
                                       "perf/images_per_s": steps_done * config.data.batch_size / elapsed,
                                       "data/skipped": loader.num_skipped})
-                timer = time.perf_counter()
+                timer, last_logged = time.perf_counter(), step
             writer.progress(step, loss=metrics.get("loss"))
             if sampler and step % config.eval.every == 0:
                 weights = state["ema"] if config.eval.use_ema and "ema" in state else state["params"]
-                writer.images(step, "samples/grid", sampler(weights, frozen))
+                with jax.set_mesh(mesh):
+                    writer.images(step, "samples/grid", sampler(weights, frozen))
             if stop.requested():
                 stopped = True
                 break

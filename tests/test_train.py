@@ -309,3 +309,17 @@ def test_export_cli_writes_any_saved_step(tiny_pipeline_dir, uninterrupted, tmp_
     assert (tmp_path / "e9" / "tokenizer").is_dir()
     assert export.main(["--workdir", str(workdir), "--step", "4", "--out", str(tmp_path / "e4")]) == 1  # not kept
     assert not (tmp_path / "e4").exists()
+
+
+def test_activation_constraints_follow_the_rules():
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from qwen_jax.sharding import TOKENS, constrain, make_mesh
+
+    f = jax.jit(lambda x: constrain(x * 2, TOKENS))
+    with jax.set_mesh(make_mesh(2, 4, 1)):
+        assert f(jnp.ones((8, 6, 4))).sharding.spec == P(("data", "fsdp"), None, None)
+        assert f(jnp.ones((3, 6, 4))).sharding.is_fully_replicated  # 3 rows do not split 8 ways
+    x = jnp.ones((8, 6, 4))
+    assert constrain(x, TOKENS) is x  # no mesh: untouched

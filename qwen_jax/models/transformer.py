@@ -22,6 +22,7 @@ from jax.ad_checkpoint import checkpoint_name
 from qwen_jax.models import rope
 from qwen_jax.models import lora as lora_lib
 from qwen_jax.pytree import fill_abstract, flatten_params, unflatten_params
+from qwen_jax.sharding import TOKENS, constrain
 from qwen_jax.models.attention import attention
 from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.layers import (
@@ -153,6 +154,7 @@ class QwenImageTransformer(nnx.Module):
         def body(block, carry):
             img, txt, collected, index = carry
             img, txt = block(img, txt, temb, cos, sin, kv_mask)
+            img, txt = constrain(img, TOKENS), constrain(txt, TOKENS)
             if layers:
                 collected = jnp.where((wanted == index)[:, None, None, None], img[None], collected)
             return img, txt, collected, index + 1
