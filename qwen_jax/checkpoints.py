@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import jax
@@ -23,7 +20,7 @@ import orbax.checkpoint.experimental.v1 as ocp
 from flax import nnx
 from jax.sharding import Mesh
 
-from qwen_jax import sharding as sharding_lib
+from qwen_jax import files, sharding as sharding_lib
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.transformer import QwenImageTransformer, abstract_model, merge_lora
@@ -33,27 +30,9 @@ CONFIG_FILE = "config.json"
 PARAMS_DIR = "params"
 
 
-@contextmanager
-def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yields a temporary sibling of `dst` to fill; renames it to `dst` only on success.
-
-    A non-empty `dst` is an error unless `overwrite`; on any failure nothing is left behind.
-    """
-    dst = Path(dst)
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise ConversionError(f"{dst}: destination exists and is not empty (choose a new path)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.rmtree(Path(str(tmp / PARAMS_DIR) + ".partial_save"), ignore_errors=True)
+def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False):
+    """`files.atomic_output_dir` raising ConversionError for an existing destination."""
+    return files.atomic_output_dir(dst, overwrite, ConversionError)
 
 
 def write_config(folder: Path, config: dict) -> None:

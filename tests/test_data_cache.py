@@ -137,7 +137,7 @@ def test_bad_caches_are_clear_errors(cache, tmp_path):
     with pytest.raises(DataError, match="copy: empty cache") as err:
         CachedSource(copy)
     assert "\n" not in str(err.value)
-    with pytest.raises(DataError, match="output exists and is not empty"):
+    with pytest.raises(DataError, match="exists and is not empty"):
         write_cache(copy, None, None, buckets=BUCKETS)
 
 

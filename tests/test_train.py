@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -91,6 +90,7 @@ def test_one_and_eight_devices_give_the_same_losses(tiny_pipeline_dir, images, t
     eight = train(tiny_config(tiny_pipeline_dir, images, **common, **{"mesh.data": 2, "mesh.fsdp": 4}),
                   tmp_path / "eight")
     a, b = losses(tmp_path / "one"), losses(tmp_path / "eight")
+    assert all(len(x.sharding.device_set) == 1 for x in jax.tree.leaves(one["state"]))
     assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5, atol=1e-6)
     assert a[5] < a[1]  # it learns
@@ -313,7 +313,6 @@ def test_export_cli_writes_any_saved_step(tiny_pipeline_dir, uninterrupted, tmp_
 
 def test_activation_constraints_follow_the_rules():
     import jax.numpy as jnp
-    from jax.sharding import PartitionSpec as P
 
     from qwen_jax.sharding import TOKENS, constrain, make_mesh
 

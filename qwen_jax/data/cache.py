@@ -30,11 +30,8 @@ by ~1e-6). Reading an example opens its shard's header and reads two tensors, ne
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
 from os import PathLike
 from pathlib import Path
 
@@ -44,6 +41,7 @@ from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from qwen_jax.data import images as image_ops
+from qwen_jax.files import atomic_output_dir, check_output_dir
 from qwen_jax.data.sources import DataError, ImageCaptionSource, _existing, _jsonl_objects, _try, logger
 
 FORMAT, VERSION = "qwen_jax.conditioning_cache", 1
@@ -61,28 +59,6 @@ def check_buckets(buckets: Sequence[image_ops.Bucket]) -> tuple[image_ops.Bucket
         if w % 16 or h % 16 or w < 16 or h < 16:
             raise ValueError(f"bucket {(w, h)} is not a positive multiple of 16")
     return out
-
-
-def _check_output(dst: Path, overwrite: bool) -> None:
-    if dst.exists() and (not dst.is_dir() or any(dst.iterdir())) and not overwrite:
-        raise DataError(f"{dst}: output exists and is not empty (choose a new path or overwrite)")
-
-
-@contextmanager
-def _atomic_dir(dst: Path, overwrite: bool):
-    """A temporary sibling of `dst` to fill, renamed to `dst` only when the block succeeds."""
-    _check_output(dst, overwrite)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-        if dst.exists():
-            shutil.rmtree(dst) if dst.is_dir() else dst.unlink()
-        tmp.rename(dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class _ShardWriter:
@@ -152,14 +128,14 @@ def write_cache(out_dir: str | PathLike, source: ImageCaptionSource, conditioner
     `pipeline` is recorded in cache.json. Returns the cache.json metadata.
     """
     out = Path(out_dir).expanduser()
-    _check_output(out, overwrite)
+    check_output_dir(out, overwrite, DataError)
     buckets = check_buckets(buckets)
     if batch_size < 1 or shard_size < 1:
         raise ValueError(f"batch_size and shard_size must be >= 1, got {batch_size} and {shard_size}")
     assign = [image_ops.nearest_bucket(w, h, buckets) for w, h in source.sizes]
     members = [[i for i, b in enumerate(assign) if b == k] for k in range(len(buckets))]
     records: dict[int, dict] = {}
-    with _atomic_dir(out, overwrite) as tmp:
+    with atomic_output_dir(out, overwrite, DataError) as tmp:
         shards = _ShardWriter(tmp, shard_size)
 
         def encode(bucket, batch):
