@@ -28,6 +28,7 @@ from flax import nnx
 from qwen_jax import checkpoints, flow
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.conversion.pipeline import convert_pipeline, is_pipeline_folder
+from qwen_jax.models import codec as codec_lib
 from qwen_jax.models import vae as vae_lib
 from qwen_jax.models.latents import denormalize_latents, pack_latents, unpack_latents
 from qwen_jax.models.text_encoder import QwenTextEncoder, TextEncoderConfig
@@ -179,10 +180,16 @@ def to_pil(image: np.ndarray):
     return Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8))
 
 
-def load_vae(folder: Path, dtype: str | None = None) -> vae_lib.AutoencoderKLQwenImage:
+def load_vae(folder: Path, dtype: str | None = None) -> vae_lib.AutoencoderKLQwenImage | codec_lib.PixelShuffleCodec:
+    """The pipeline's latent codec: the Qwen-Image VAE, or the parameter-free pixel-shuffle codec."""
+    with open(Path(folder) / checkpoints.CONFIG_FILE) as f:
+        config = json.load(f)
+    if config.get("_class_name") == codec_lib.CLASS_NAME:
+        dtype = dtype or "float32"
+        return codec_lib.PixelShuffleCodec(codec_lib.PixelShuffleConfig.from_diffusers_config(
+            config, param_dtype=dtype, dtype=dtype))
     dtype = dtype or checkpoints.stored_dtype(folder)
-    with open(folder / checkpoints.CONFIG_FILE) as f:
-        cfg = vae_lib.VAEConfig.from_diffusers_config(json.load(f), param_dtype=dtype, dtype=dtype)
+    cfg = vae_lib.VAEConfig.from_diffusers_config(config, param_dtype=dtype, dtype=dtype)
     return checkpoints.load_into(folder, vae_lib.abstract_model(cfg))
 
 
@@ -204,7 +211,11 @@ def save_pipeline(
     """
     with checkpoints.atomic_output_dir(folder, overwrite=overwrite) as tmp:
         checkpoints.save_transformer(transformer, tmp / "transformer")
-        checkpoints.save_module(vae, vae.config.to_diffusers_config(), tmp / "vae")
+        if isinstance(vae, codec_lib.PixelShuffleCodec):  # no parameters: its config is all of it
+            (tmp / "vae").mkdir()
+            checkpoints.write_config(tmp / "vae", vae.config.to_diffusers_config())
+        else:
+            checkpoints.save_module(vae, vae.config.to_diffusers_config(), tmp / "vae")
         checkpoints.save_module(text_encoder, text_encoder.config.to_transformers_config(), tmp / "text_encoder")
         tokenizer.save_pretrained(tmp / "tokenizer")
         (tmp / "scheduler").mkdir()
@@ -213,7 +224,11 @@ def save_pipeline(
 
 
 def is_converted(folder: Path) -> bool:
-    return all((folder / c / checkpoints.PARAMS_DIR).is_dir() for c in ("transformer", "vae", "text_encoder"))
+    if not all((folder / c / checkpoints.PARAMS_DIR).is_dir() for c in ("transformer", "text_encoder")):
+        return False
+    vae_config = folder / "vae" / checkpoints.CONFIG_FILE
+    return (folder / "vae" / checkpoints.PARAMS_DIR).is_dir() or (
+        vae_config.is_file() and json.loads(vae_config.read_text()).get("_class_name") == codec_lib.CLASS_NAME)
 
 
 def resolve_folder(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
