@@ -7,7 +7,8 @@ full training (every weight), remat none. Batch 2 by default: 64x64 latents of 1
 
   ours   `qwen_jax.training.flow_matching.train_step`, the trainer's step: configs/flow_matching.py
          "tiny" with lr 1e-4, constant schedule, no warm-up, no weight decay, grad clip 1.0, no EMA;
-         state on a 1-device mesh, jitted with the trainer's shardings and the state donated.
+         state on a 1-device mesh, jitted with the trainer's shardings and the state donated,
+         called under `jax.set_mesh` as the trainer calls it.
   torch  pack latents as diffusers' QwenImagePipeline does, sigma = sigmoid(N(0, 1)),
          x_t = (1 - sigma) x0 + sigma eps, forward (return_dict=False), MSE against eps - x0,
          backward, clip_grad_norm_(1.0), AdamW(lr 1e-4, betas (0.9, 0.999), eps 1e-8, wd 0), zero_grad.
@@ -109,7 +110,7 @@ class TorchStep:
         self.opt = torch.optim.AdamW(self.params, lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps,
                                      weight_decay=optim.weight_decay)
         self.grad_clip, self.fm = optim.grad_clip, fm
-        b, h, w, c = batch["latents"].shape
+        b, h, w, _ = batch["latents"].shape
         self.latents = torch.from_numpy(batch["latents"]).permute(0, 3, 1, 2).contiguous()  # NCHW, as the VAE gives
         self.embeds = torch.from_numpy(batch["prompt_embeds"])
         self.mask = torch.from_numpy(batch["prompt_mask"])
@@ -192,7 +193,8 @@ def main():
 
     def run_jax():
         nonlocal state
-        state, metrics = step_fn(state, frozen, batch)
+        with jax.set_mesh(mesh):  # as the trainer calls it: activations follow the mesh's rules
+            state, metrics = step_fn(state, frozen, batch)
         jax.block_until_ready((state, metrics))
         return metrics
 
@@ -236,7 +238,8 @@ def main():
         "bench": "train_step",
         "device": {"platform": jax.devices()[0].platform, "cpu_count": os.cpu_count(),
                    "torch_threads": torch.get_num_threads(),
-                   "loadavg_1m": round(os.getloadavg()[0], 2)},  # >cpu_count means the timings are contended
+                   "loadavg_1m": round(os.getloadavg()[0], 2),  # >cpu_count means the timings are contended
+                   "glibc_tunables": os.environ.get("GLIBC_TUNABLES")},  # malloc settings change XLA's step time
         "versions": {"jax": jax.__version__, "torch": torch.__version__, "diffusers": diffusers.__version__},
         "config": {"size": "quick" if args.quick else "mid", **arch, "axes_dims_rope": list(arch["axes_dims_rope"]),
                    "patch_size": 2, "dtype": "float32", "params": n_params, "batch": args.batch,
