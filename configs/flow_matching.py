@@ -6,11 +6,13 @@ Variants:
   qwen_image_full  the same with every weight trained (needs FSDP over >= 16 80 GB chips).
   tiny         a CPU-sized run for tests and smoke checks: set --config.model.pretrained to a
                tiny pipeline folder and --config.data.images to a folder.
+  toy          the toy world's teacher (qwen_jax.toy): 32x32 procedural shapes, the toy model
+               family built by `python -m qwen_jax.toy.build --out runs/toy/base`, CFG dropout.
 """
 
 from qwen_jax.training.defaults import base_config
 
-VARIANTS = ("qwen_image", "qwen_image_full", "tiny")
+VARIANTS = ("qwen_image", "qwen_image_full", "tiny", "toy")
 
 
 def get_config(arg: str | None = None):
@@ -38,4 +40,16 @@ def get_config(arg: str | None = None):
         c.checkpoint.update(every=5, keep=2)
         c.log.update(every=1, progress=False)
         c.eval.update(every=10, prompts=("a red circle", "a blue square"), width=32, height=32, num_steps=4)
+    elif variant == "toy":
+        c.total_steps = 20000
+        c.model.update(pretrained="runs/toy/base", dtype="float32", remat="none", encoder_dtype="float32")
+        c.data.update(toy=True, batch_size=64, caption_dropout=0.1, num_threads=2, prefetch=4)
+        c.flow_matching.shift = 3.0  # train where the shift-3 sampling grid spends its steps
+        c.optim.update(lr=3e-4, warmup_steps=500, weight_decay=0.0)
+        c.ema.decay = 0.999
+        c.checkpoint.update(every=1000, keep=3)
+        c.log.update(every=50)
+        c.eval.update(every=2000, prompts=("a red circle on a blue background", "a green square on a black background",
+                                           "a white triangle on a magenta background", "a cyan square on a yellow background"),
+                      width=32, height=32, num_steps=50, guidance=2.0)
     return c

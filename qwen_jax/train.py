@@ -69,10 +69,16 @@ class StopRequested:
 
 def make_loader(cfg, process_index: int, process_count: int) -> data_lib.Loader:
     """The grain loader of this process's share of each global batch."""
-    if bool(cfg.images) == bool(cfg.cache):
-        raise data_lib.DataError("set exactly one of --config.data.images and --config.data.cache")
+    if sum(map(bool, (cfg.images, cfg.cache, cfg.toy))) != 1:
+        raise data_lib.DataError("set exactly one of --config.data.images, --config.data.cache and "
+                                 "--config.data.toy")
     if cfg.batch_size % process_count:
         raise ValueError(f"config.data.batch_size={cfg.batch_size} is not divisible by {process_count} processes")
+    if cfg.toy:  # the procedural toy world (qwen_jax.toy), unlimited
+        from qwen_jax.toy.data import ToyLoader
+
+        return ToyLoader(cfg.toy_seed, cfg.batch_size // process_count, shard_index=process_index,
+                         shard_count=process_count, num_threads=cfg.num_threads, prefetch=cfg.prefetch)
     if cfg.cache:
         source, buckets = data_lib.CachedSource(cfg.cache), None
     else:

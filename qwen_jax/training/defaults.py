@@ -24,9 +24,10 @@ def base_config() -> ml_collections.ConfigDict:
     # Mesh axes sizes; one may be -1 (all remaining devices). Rules map logical axes to them.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
-    # Exactly one of images (folder or .jsonl of image + caption) and cache (tools/cache_dataset.py).
+    # Exactly one of images (folder or .jsonl of image + caption), cache (tools/cache_dataset.py)
+    # and toy (the procedural toy world of qwen_jax.toy, drawn from toy_seed).
     c.data = ml_collections.ConfigDict(dict(
-        images="", cache="", batch_size=8, resolution=1328, buckets="", caption_dropout=0.1,
+        images="", cache="", toy=False, toy_seed=0, batch_size=8, resolution=1328, buckets="", caption_dropout=0.1,
         uncond_prompt=" ", max_sequence_length=512, num_threads=4, prefetch=2))
 
     c.optim = ml_collections.ConfigDict(dict(

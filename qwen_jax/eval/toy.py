@@ -1,0 +1,92 @@
+"""Evaluate a model on the toy world: `python -m qwen_jax.eval.toy --model DIR --out DIR`.
+
+    python -m qwen_jax.eval.toy --model runs/demo/teacher --steps 50 --guidance 2 --out runs/demo/eval50
+    python -m qwen_jax.eval.toy --model runs/demo/teacher --steps 2 --guidance 1 --out runs/demo/eval2
+
+Samples --seeds images for each of the 168 prompts (or --prompts), decodes them analytically
+(`toy_metrics.py`) and prints the table; writes metrics.json and grid.png (one row per prompt
+shown, one column per seed) to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+
+def sample_all(pipe, prompts, seeds: int, *, steps: int, guidance: float, sigmas, negative: str,
+               batch_size: int, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+    """(images float (N, 32, 32, 3) in [0, 1], captions), prompt-major; image s of prompt k uses
+    seed 1000 k + s (k = the prompt's index among the 168), whatever the subset or batch size."""
+    from qwen_jax.toy import prompt_index
+
+    jobs = [(p, s) for p in prompts for s in range(seeds)]
+    images = []
+    for start in tqdm(range(0, len(jobs), batch_size), desc="sampling", disable=not progress):
+        chunk = jobs[start:start + batch_size]
+        pad = batch_size - len(chunk)  # keep one compiled shape: pad the last batch with repeats
+        chunk_p = [p for p, _ in chunk] + [chunk[-1][0]] * pad
+        chunk_s = [1000 * prompt_index(p) + s for p, s in chunk]  # one seed per (prompt, s)
+        chunk_s += [chunk_s[-1]] * pad
+        out = pipe(chunk_p, negative if guidance > 1 else None, height=32, width=32, num_steps=steps,
+                   guidance=guidance, seed=chunk_s, sigmas=sigmas)
+        images.append(out.array[:len(chunk)])
+    return np.concatenate(images), [p for p, _ in jobs]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwen_jax.eval.toy", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", required=True, help="a pipeline folder (toy family)")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--guidance", type=float, default=2.0, help="true CFG scale; 1 disables CFG")
+    p.add_argument("--negative-prompt", default=" ")
+    p.add_argument("--sigmas", type=float, nargs="+", help="explicit sigmas (e.g. 1.0 0.75 for 2 Euler steps)")
+    p.add_argument("--seeds", type=int, default=4, help="images per prompt")
+    p.add_argument("--prompts", nargs="+", help="a subset of the 168 captions (default: all)")
+    p.add_argument("--batch-size", type=int, default=168)
+    p.add_argument("--reference-seeds", type=int, default=16, help="real images per prompt for the statistics")
+    p.add_argument("--out", required=True)
+    p.add_argument("--quiet", action="store_true")
+    args = p.parse_args(argv)
+
+    from qwen_jax.eval import toy_metrics
+    from qwen_jax.pipeline import Pipeline
+    from qwen_jax.toy import all_prompts, parse_prompt, real_set
+
+    prompts = args.prompts or all_prompts()
+    try:
+        for prompt in prompts:
+            parse_prompt(prompt)
+    except ValueError as e:
+        print(f"error: --prompts: {e}", file=sys.stderr)
+        return 2
+    pipe = Pipeline.from_pretrained(args.model)
+    images, captions = sample_all(pipe, prompts, args.seeds, steps=args.steps, guidance=args.guidance,
+                                  sigmas=args.sigmas, negative=args.negative_prompt,
+                                  batch_size=min(args.batch_size, len(prompts) * args.seeds),
+                                  progress=not args.quiet)
+    real, real_captions = real_set(prompts, args.reference_seeds, seed=12345)
+    metrics = toy_metrics.evaluate(images, captions, toy_metrics.reference_stats(real, real_captions))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in metrics.items() if k != "per_prompt"}
+    summary.update(model=str(args.model), steps=args.steps, guidance=args.guidance, sigmas=args.sigmas,
+                   seeds=args.seeds, prompts=len(prompts))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps({**summary, "per_prompt": metrics["per_prompt"]}, indent=2, default=float))
+    tmp.replace(out / "metrics.json")
+    shown = min(len(prompts), 24)
+    toy_metrics.save_grid(images[: shown * args.seeds], out / "grid.png", cols=args.seeds)
+    print(toy_metrics.format_table(metrics))
+    print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

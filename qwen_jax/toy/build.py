@@ -1,0 +1,67 @@
+"""The toy model family, built from the real classes: `python -m qwen_jax.toy.build --out DIR`.
+
+    transformer   QwenImageTransformer, width 128 (2 heads x 64), 4 blocks, 64 tokens of 4x4 pixels
+                  (in_channels 48 = 2x2 packing of the codec's 12 channels), text width 64;
+                  random (seeded): the flow-matching trainer turns it into the teacher
+    vae           PixelShuffleCodec(factor 2): exact, parameter-free (`models/codec.py` says why)
+    text_encoder  TextEncoderConfig.tiny(): a 2-layer, width-64 Qwen2.5-VL text model, random with a
+                  fixed seed and frozen; it still separates the 168 captions
+    tokenizer     the real Qwen2.5-VL tokenizer, rebuilt offline (`qwen_jax.tokenizer`)
+    scheduler     fixed shift 3: the grid of the 2-step student (sigmas 1.0, 0.75) and of the teacher
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import jax
+from flax import nnx
+
+from qwen_jax import flow
+from qwen_jax.models import QwenImageTransformer, QwenTextEncoder, TextEncoderConfig, TransformerConfig
+from qwen_jax.models.codec import PixelShuffleCodec, PixelShuffleConfig
+
+TOY_SHIFT = 3.0
+
+
+def toy_transformer_config(**runtime) -> TransformerConfig:
+    return TransformerConfig(patch_size=2, in_channels=48, out_channels=12, num_layers=4, attention_head_dim=64,
+                             num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(16, 24, 24), **runtime)
+
+
+def random_module(cls, cfg, seed: int):
+    """A randomly initialised module, created under one jit (fast, and the same on every host)."""
+    graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed))))
+    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(cls(cfg, rngs=nnx.Rngs(seed)))[1])())
+
+
+def build_toy_pipeline(out, seed: int = 0, overwrite: bool = False) -> None:
+    from qwen_jax.pipeline import save_pipeline
+    from qwen_jax.tokenizer import build_qwen_tokenizer
+
+    save_pipeline(out, transformer=random_module(QwenImageTransformer, toy_transformer_config(), seed),
+                  vae=PixelShuffleCodec(PixelShuffleConfig(factor=2)),
+                  text_encoder=random_module(QwenTextEncoder, TextEncoderConfig.tiny(), seed + 1),
+                  tokenizer=build_qwen_tokenizer(), scheduler=flow.SchedulerConfig.fixed_shift(TOY_SHIFT),
+                  overwrite=overwrite)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwen_jax.toy.build", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="pipeline folder to write")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random transformer and text encoder")
+    p.add_argument("--overwrite", action="store_true")
+    args = p.parse_args(argv)
+    try:
+        build_toy_pipeline(args.out, args.seed, args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
