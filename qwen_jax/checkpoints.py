@@ -52,7 +52,7 @@ class ParamWriter:
     """Adds parameters to `<folder>/params` one leaf at a time; `finalize()` commits them."""
 
     def __init__(self, folder: Path):
-        self.path = Path(folder) / PARAMS_DIR
+        self.path = Path(folder).absolute() / PARAMS_DIR  # orbax wants absolute paths
 
     def add(self, path: tuple[str, ...], value: np.ndarray) -> None:
         ctx = ocp.Context()
@@ -68,7 +68,7 @@ class ParamWriter:
 
 def param_metadata(folder: str | os.PathLike) -> dict[tuple[str, ...], tuple[tuple[int, ...], np.dtype]]:
     """{path: (shape, dtype)} of the stored parameters, read without loading them."""
-    path = Path(folder) / PARAMS_DIR
+    path = Path(folder).absolute() / PARAMS_DIR
     if not path.is_dir():
         raise ConversionError(f"{folder}: no {PARAMS_DIR}/ checkpoint inside")
     meta = ocp.metadata(path).metadata
@@ -89,7 +89,7 @@ def read_param(folder: str | os.PathLike, path: tuple[str, ...], shape, dtype) -
     ctx = ocp.Context()
     ctx.pytree.loading.partial_load = True
     with ctx:
-        tree = ocp.load(Path(folder) / PARAMS_DIR, unflatten_params({path: np.empty(shape, dtype)}))
+        tree = ocp.load(Path(folder).absolute() / PARAMS_DIR, unflatten_params({path: np.empty(shape, dtype)}))
     return flatten_params(tree)[path]
 
 
@@ -124,7 +124,7 @@ def load_params(folder: str | os.PathLike, wanted: dict, shardings=None) -> dict
     check_stored_params(folder, param_metadata(folder), {p: tuple(v.shape) for p, v in wanted.items()})
     shardings = shardings or {p: sharding_lib.single_device() for p in wanted}
     target = {p: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[p]) for p, v in wanted.items()}
-    return flatten_params(ocp.load(Path(folder) / PARAMS_DIR, unflatten_params(target)))
+    return flatten_params(ocp.load(Path(folder).absolute() / PARAMS_DIR, unflatten_params(target)))
 
 
 def load_into(folder: str | os.PathLike, abstract: nnx.Module, shardings=None) -> nnx.Module:

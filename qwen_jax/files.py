@@ -23,7 +23,7 @@ def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False,
 
     A non-empty `dst` raises `error` unless `overwrite`; on any failure nothing is left behind.
     """
-    dst = Path(dst)
+    dst = Path(dst).absolute()  # orbax writes absolute paths only
     check_output_dir(dst, overwrite, error)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.parent / f".{dst.name}.tmp-{os.getpid()}"

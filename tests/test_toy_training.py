@@ -4,12 +4,13 @@ source with the real trainer, resume it, export it, and evaluate the export anal
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
 
 from qwen_jax.eval import toy as toy_eval
-from qwen_jax.toy.build import build_toy_pipeline
+from qwen_jax.toy.build import main as build_main
 from qwen_jax.toy.data import ToyLoader
 from qwen_jax.train import train
 from qwen_jax.training.metrics import read_metrics
@@ -18,9 +19,15 @@ from test_train import CONFIG
 
 @pytest.fixture(scope="module")
 def toy_base(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("toy") / "base"
-    build_toy_pipeline(folder)
-    return folder
+    root = tmp_path_factory.mktemp("toy")
+    cwd = os.getcwd()
+    os.chdir(root)
+    try:  # the CLI's usual case: a relative output path
+        assert build_main(["--out", "base"]) == 0
+        assert build_main(["--out", "base"]) == 1  # exists: refused
+    finally:
+        os.chdir(cwd)
+    return root / "base"
 
 
 def toy_config(base, **overrides):

@@ -19,6 +19,7 @@ import jax
 from flax import nnx
 
 from qwen_jax import flow
+from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.models import QwenImageTransformer, QwenTextEncoder, TextEncoderConfig, TransformerConfig
 from qwen_jax.models.codec import PixelShuffleCodec, PixelShuffleConfig
 
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     try:
         build_toy_pipeline(args.out, args.seed, args.overwrite)
-    except (FileNotFoundError, FileExistsError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out}")

@@ -58,7 +58,7 @@ def export_run(out: str | os.PathLike, graphdef, trainable: dict, frozen: dict, 
     """
     from qwen_jax.pipeline import resolve_folder
 
-    out = Path(out)
+    out = Path(out).absolute()  # orbax writes absolute paths only
     model = merge_model(graphdef, host_arrays(trainable), host_arrays(frozen))
     merged = merge_lora(model)
     params = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(merged, nnx.Param)))
