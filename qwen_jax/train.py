@@ -120,7 +120,8 @@ class BatchMaker:
         global_batch = self.config.data.batch_size
         rng = np.random.default_rng([self.config.seed, step])
         dropped = rng.random(global_batch) < self.config.data.caption_dropout
-        embeds, mask = drop_captions(embeds, mask, dropped[self.offset:self.offset + self.local_batch], *self.uncond)
+        embeds, mask = drop_captions(embeds, mask, dropped[self.offset:self.offset + self.local_batch], *self.uncond,
+                                     bucket=self.config.data.text_bucket)
         length = distributed.max_over_processes(embeds.shape[1])  # one text length for the global batch
         embeds = np.pad(embeds, ((0, 0), (0, length - embeds.shape[1]), (0, 0)))
         mask = np.pad(mask, ((0, 0), (0, length - mask.shape[1])))
@@ -180,7 +181,8 @@ def train(config, workdir: str | Path, devices=None) -> dict:
         raise ValueError("set --config.model.pretrained to a pipeline folder (or hub id)")
     needs_encoders = not config.data.cache or config.eval.every
     conditioner = (Conditioner.from_pretrained(pretrained, dtype=config.model.encoder_dtype,
-                                               max_sequence_length=config.data.max_sequence_length)
+                                               max_sequence_length=config.data.max_sequence_length,
+                                               text_bucket=config.data.text_bucket)
                    if needs_encoders else None)
     make_batch = BatchMaker(config, None if config.data.cache else conditioner, loader, mesh)
 

@@ -3,7 +3,8 @@
 Layouts (one dict per batch, all the objectives take):
   latents        (B, h, w, C) float32, normalised VAE posterior means (`models/latents.py`)
   prompt_embeds  (B, T, D) text-encoder states as the pipeline computes them, T padded to a
-                 multiple of 64 (`sampling.prompts.DEFAULT_BUCKET`), masked positions zero
+                 multiple of `text_bucket` (64 by default; short captions train faster with
+                 less), masked positions zero
   prompt_mask    (B, T) int32
 
 The same functions encode on the fly in the trainer and ahead of time in
@@ -41,9 +42,9 @@ class Conditioner:
     encode_text(captions) -> (prompt_embeds (B, T, D), prompt_mask (B, T))
     """
 
-    def __init__(self, vae, text_encoder, tokenizer, *, max_sequence_length: int = 512):
+    def __init__(self, vae, text_encoder, tokenizer, *, max_sequence_length: int = 512, text_bucket: int = 64):
         self.vae, self.text_encoder, self.tokenizer = vae, text_encoder, tokenizer
-        self.max_sequence_length = max_sequence_length
+        self.max_sequence_length, self.text_bucket = max_sequence_length, text_bucket
         self._vae_graphdef, self._vae_state = nnx.split(vae)
         self._text = prompt_lib.jit_encoder(text_encoder)
 
@@ -67,18 +68,18 @@ class Conditioner:
     def encode_text(self, captions: Sequence[str]) -> tuple[jax.Array, jax.Array]:
         embeds, mask = prompt_lib.encode_prompts(list(captions), self.tokenizer, self._text,
                                                  max_sequence_length=self.max_sequence_length)
-        return pad_text(embeds.astype(jnp.float32), mask, bucket_length(embeds.shape[1]))
+        return pad_text(embeds.astype(jnp.float32), mask, bucket_length(embeds.shape[1], self.text_bucket))
 
 
 def drop_captions(embeds: np.ndarray, mask: np.ndarray, dropped: np.ndarray, uncond_embeds: np.ndarray,
-                  uncond_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                  uncond_mask: np.ndarray, bucket: int = 64) -> tuple[np.ndarray, np.ndarray]:
     """Replaces the rows where `dropped` (B,) is true by the unconditional prompt (CFG dropout).
 
     embeds (B, T, D), mask (B, T); uncond_embeds (1, T_u, D), uncond_mask (1, T_u). Both sides
-    are padded with masked zeros to a common 64-multiple length first.
+    are padded with masked zeros to a common length, a multiple of `bucket`, first.
     """
     embeds, mask, uncond_embeds, uncond_mask = map(np.asarray, (embeds, mask, uncond_embeds, uncond_mask))
-    length = bucket_length(max(embeds.shape[1], uncond_embeds.shape[1]))
+    length = bucket_length(max(embeds.shape[1], uncond_embeds.shape[1]), bucket)
     embeds, mask = map(np.asarray, pad_text(embeds, mask, length))
     uncond_embeds, uncond_mask = map(np.asarray, pad_text(uncond_embeds, uncond_mask, length))
     dropped = np.asarray(dropped, bool)

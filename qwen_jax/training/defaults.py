@@ -28,7 +28,7 @@ def base_config() -> ml_collections.ConfigDict:
     # and toy (the procedural toy world of qwen_jax.toy, drawn from toy_seed).
     c.data = ml_collections.ConfigDict(dict(
         images="", cache="", toy=False, toy_seed=0, batch_size=8, resolution=1328, buckets="", caption_dropout=0.1,
-        uncond_prompt=" ", max_sequence_length=512, num_threads=4, prefetch=2))
+        uncond_prompt=" ", max_sequence_length=512, text_bucket=64, num_threads=4, prefetch=2))
 
     c.optim = ml_collections.ConfigDict(dict(
         lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, schedule="constant",
