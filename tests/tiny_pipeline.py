@@ -10,24 +10,15 @@ tokenizer, and the shipped Qwen-Image scheduler.
 
 from __future__ import annotations
 
-import jax
 import pytest
-from flax import nnx
 
 from qwen_jax import flow
 from qwen_jax.models import (AutoencoderKLQwenImage, QwenImageTransformer, QwenTextEncoder, TextEncoderConfig,
                              TransformerConfig, VAEConfig)
 from qwen_jax.pipeline import save_pipeline
+from qwen_jax.toy.build import random_module
 from qwen_tokenizer import build_qwen_tokenizer
 
-
-
-def random_module(cls, cfg, seed: int):
-    """A randomly initialised module, created under one jit (eager init of many small convs is slow)."""
-    abstract = nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed)))
-    graphdef, _ = nnx.split(abstract)
-    state = jax.jit(lambda: nnx.split(cls(cfg, rngs=nnx.Rngs(seed)))[1])()
-    return nnx.merge(graphdef, state)
 
 
 def build_tiny_pipeline(folder, tokenizer, seed: int = 0):
