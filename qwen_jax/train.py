@@ -226,7 +226,8 @@ def train(config, workdir: str | Path, devices=None) -> dict:
                                       "perf/images_per_s": steps_done * config.data.batch_size / elapsed,
                                       "data/skipped": loader.num_skipped})
                 timer, last_logged = time.perf_counter(), step
-            writer.progress(step, loss=metrics.get("loss"))
+            # only host floats: formatting a device array would wait for the step every time
+            writer.progress(step, loss=metrics["loss"] if isinstance(metrics.get("loss"), float) else None)
             if sampler and step % config.eval.every == 0:
                 weights = state["ema"] if config.eval.use_ema and "ema" in state else state["params"]
                 with jax.set_mesh(mesh):

@@ -69,3 +69,13 @@ def test_toy_teacher_trains_resumes_exports_and_evaluates(toy_base, tmp_path):
     assert metrics["count"] == 4 and 0 <= metrics["accuracy"] <= 1 and set(metrics["per_prompt"]) == set(prompts)
     assert (tmp_path / "eval" / "grid.png").is_file()
     assert toy_eval.main(["--model", str(toy_base), "--prompts", "a purple circle", "--out", str(tmp_path / "x")]) == 2
+
+    # a trained transformer with the seeded text encoder regenerated (how a committed teacher ships)
+    from qwen_jax.toy.build import build_toy_pipeline, text_encoder_digest
+    from qwen_jax.pipeline import load_text_encoder
+
+    digest = text_encoder_digest(load_text_encoder(toy_base / "text_encoder"))
+    assert build_main(["--out", str(tmp_path / "again"), "--transformer", str(tmp_path / "run" / "export" / "transformer"),
+                       "--expect-digest", "0" * 64]) == 1 and not (tmp_path / "again").exists()
+    assert build_toy_pipeline(tmp_path / "again", transformer=tmp_path / "run" / "export" / "transformer",
+                              expect_digest=digest) == digest
