@@ -75,7 +75,7 @@ def test_toy_teacher_trains_resumes_exports_and_evaluates(toy_base, tmp_path):
     from qwen_jax.pipeline import load_text_encoder
 
     digest = text_encoder_digest(load_text_encoder(toy_base / "text_encoder"))
-    assert build_main(["--out", str(tmp_path / "again"), "--transformer", str(tmp_path / "run" / "export" / "transformer"),
-                       "--expect-digest", "0" * 64]) == 1 and not (tmp_path / "again").exists()
-    assert build_toy_pipeline(tmp_path / "again", transformer=tmp_path / "run" / "export" / "transformer",
-                              expect_digest=digest) == digest
+    trained = str(tmp_path / "run" / "export" / "transformer")
+    assert build_main(["--out", str(tmp_path / "again"), "--transformer", trained, "--expect-digest", "0" * 64]) == 1
+    assert not (tmp_path / "again").exists()
+    assert build_toy_pipeline(tmp_path / "again", transformer=trained, expect_digest=digest) == digest
