@@ -50,7 +50,7 @@ def get_config(arg: str | None = None):
         c.ema.decay = 0.999
         c.checkpoint.update(every=1000, keep=3)
         c.log.update(every=50)
-        c.eval.update(every=2000, prompts=("a red circle on a blue background", "a green square on a black background",
-                                           "a white triangle on a magenta background", "a cyan square on a yellow background"),
-                      width=32, height=32, num_steps=50, guidance=2.0)
+        c.eval.update(every=2000, width=32, height=32, num_steps=50, guidance=2.0, prompts=(
+            "a red circle on a blue background", "a green square on a black background",
+            "a white triangle on a magenta background", "a cyan square on a yellow background"))
     return c
