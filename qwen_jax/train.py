@@ -239,6 +239,7 @@ def train(config, workdir: str | Path, devices=None) -> dict:
         stop.restore()
     ckpt.save(step, state, data_iter.get_state(), force=True)
     ckpt.close()
+    metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}  # also when stopped between logs
     if loader.num_skipped:
         logging.warning("%d unreadable images were skipped: %s", loader.num_skipped,
                         ", ".join(p for p, _ in loader.skipped[:10]))
