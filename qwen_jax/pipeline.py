@@ -13,6 +13,7 @@ for what triggers a compilation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -62,8 +63,7 @@ class Pipeline:
         self.tokenizer, self.scheduler = tokenizer, scheduler
         self.graphdef, self.state = nnx.split(transformer)
         self.encode_text = prompt_lib.jit_encoder(text_encoder)
-        vae_graphdef, self.vae_state = nnx.split(vae)
-        self._decode = jax.jit(lambda s, z: nnx.merge(vae_graphdef, s).decode(z))
+        self.vae_graphdef, self.vae_state = nnx.split(vae)
 
     # ---- loading -------------------------------------------------------------------------------
     @classmethod
@@ -106,11 +106,9 @@ class Pipeline:
 
     def decode_latents(self, latents: jax.Array, height: int, width: int) -> jax.Array:
         """Packed latents (B, L_img, 4C) -> images (B, H, W, 3) in [0, 1]."""
-        cfg = self.vae.config
         px = self.pixels_per_token
-        z = unpack_latents(latents, 2 * (height // px), 2 * (width // px))
-        z = denormalize_latents(z.astype(cfg.jnp_dtype), cfg.latents_mean, cfg.latents_std)
-        return jnp.clip(self._decode(self.vae_state, z).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        return decode_images(self.vae_graphdef, self.vae_state,
+                             unpack_latents(latents, 2 * (height // px), 2 * (width // px)))
 
     def sigmas(self, num_steps: int, image_seq_len: int, sigmas: Sequence[float] | None = None) -> np.ndarray:
         return flow.sampling_sigmas(num_steps, self.scheduler, image_seq_len=image_seq_len, sigmas=sigmas)
@@ -172,6 +170,16 @@ class Pipeline:
             img_shapes=(grid,), stochastic=stochastic)
         images = np.asarray(self.decode_latents(out, height, width))
         return PipelineOutput([to_pil(img) for img in images], images)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def decode_images(vae_graphdef, vae_state, z: jax.Array) -> jax.Array:
+    """Normalised latents (B, h, w, C) -> images (B, H, W, 3) in [0, 1], with the VAE (or codec)
+    held by (vae_graphdef, vae_state): the one decode the pipeline and training grids share."""
+    vae = nnx.merge(vae_graphdef, vae_state)
+    cfg = vae.config
+    z = denormalize_latents(z.astype(cfg.jnp_dtype), cfg.latents_mean, cfg.latents_std)
+    return jnp.clip(vae.decode(z).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
 def to_pil(image: np.ndarray):

@@ -8,7 +8,7 @@ from qwen_jax.models.codec import PixelShuffleCodec, PixelShuffleConfig
 from qwen_jax.models.latents import pack_latents
 from qwen_jax.pipeline import Pipeline, save_pipeline
 from qwen_tokenizer import qwen_tokenizer  # noqa: F401  (session fixture)
-from tiny_pipeline import random_module
+from qwen_jax.models.random_init import random_module
 
 
 def test_encode_decode_is_exact_and_tokens_are_4x4_patches():

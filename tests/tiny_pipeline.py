@@ -16,7 +16,7 @@ from qwen_jax import flow
 from qwen_jax.models import (AutoencoderKLQwenImage, QwenImageTransformer, QwenTextEncoder, TextEncoderConfig,
                              TransformerConfig, VAEConfig)
 from qwen_jax.pipeline import save_pipeline
-from qwen_jax.toy.build import random_module
+from qwen_jax.models.random_init import random_module
 from qwen_tokenizer import build_qwen_tokenizer
 
 

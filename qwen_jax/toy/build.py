@@ -16,7 +16,6 @@ import argparse
 import hashlib
 import sys
 
-import jax
 import numpy as np
 from flax import nnx
 
@@ -24,6 +23,7 @@ from qwen_jax import flow
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.models import QwenImageTransformer, QwenTextEncoder, TextEncoderConfig, TransformerConfig
 from qwen_jax.models.codec import PixelShuffleCodec, PixelShuffleConfig
+from qwen_jax.models.random_init import random_module
 from qwen_jax.pytree import flatten_params
 
 TOY_SHIFT = 3.0
@@ -32,12 +32,6 @@ TOY_SHIFT = 3.0
 def toy_transformer_config(**runtime) -> TransformerConfig:
     return TransformerConfig(patch_size=2, in_channels=48, out_channels=12, num_layers=4, attention_head_dim=64,
                              num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(16, 24, 24), **runtime)
-
-
-def random_module(cls, cfg, seed: int):
-    """A randomly initialised module, created under one jit (fast, and the same on every host)."""
-    graphdef, _ = nnx.split(nnx.eval_shape(lambda: cls(cfg, rngs=nnx.Rngs(seed))))
-    return nnx.merge(graphdef, jax.jit(lambda: nnx.split(cls(cfg, rngs=nnx.Rngs(seed)))[1])())
 
 
 def text_encoder_digest(text_encoder) -> str:

@@ -6,8 +6,6 @@ trained; prompts, the negative prompt and the initial noise are encoded once.
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,19 +13,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from qwen_jax import flow
-from qwen_jax.models.latents import denormalize_latents, pack_latents, unpack_latents
+from qwen_jax.models.latents import pack_latents, unpack_latents
+from qwen_jax.pipeline import decode_images
 from qwen_jax.sampling import sampler
 from qwen_jax.sampling.grid import image_grid
 from qwen_jax.training.conditioning import Conditioner
 from qwen_jax.training.state import merge_trees
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _decode(graphdef, state, z):
-    vae = nnx.merge(graphdef, state)
-    cfg = vae.config
-    z = denormalize_latents(z.astype(cfg.jnp_dtype), cfg.latents_mean, cfg.latents_std)
-    return jnp.clip(vae.decode(z).astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
 
 class GridSampler:
@@ -69,5 +60,5 @@ class GridSampler:
         latents = sampler.sample(self.graphdef, state, self.noise, self.sigmas, self.times, self.text, self.mask,
                                  neg_text, neg_mask, jnp.float32(self.cfg.guidance), jax.random.key(self.cfg.seed),
                                  img_shapes=(self.grid,))
-        images = _decode(self.vae_graphdef, self.vae_state, unpack_latents(latents, self.h, self.w))
+        images = decode_images(self.vae_graphdef, self.vae_state, unpack_latents(latents, self.h, self.w))
         return image_grid(np.asarray(jax.device_get(images)))
