@@ -1,10 +1,11 @@
-# `make test` is the one command CI runs: it builds .venv when missing, installs the
-# package with its test extra, and runs the whole suite.
+# `make demo` shows the toy world (committed teacher, evaluated at 50 and 2 steps) in minutes;
+# `make test` is the one command CI runs. Both build .venv when missing and install the package
+# with its test extra first.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 
-.PHONY: test install bench clean
+.PHONY: demo test install bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -13,6 +14,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m qwen_jax.toy.demo --out runs/demo
 
 test: install
 	$(PY) -m pytest tests

@@ -39,6 +39,37 @@ def sample_all(pipe, prompts, seeds: int, *, steps: int, guidance: float, sigmas
     return np.concatenate(images), [p for p, _ in jobs]
 
 
+def evaluate_model(model, out, *, prompts=None, seeds: int = 4, steps: int = 50, guidance: float = 2.0,
+                   sigmas=None, negative: str = " ", batch_size: int = 168, reference_seeds: int = 16,
+                   progress: bool = True) -> tuple[dict, np.ndarray, list[str]]:
+    """Samples, scores and writes `out`/metrics.json and `out`/grid.png for one model folder.
+
+    Returns (metrics with per_prompt, images (N, 32, 32, 3) in [0, 1] prompt-major, captions).
+    """
+    from qwen_jax.eval import toy_metrics
+    from qwen_jax.pipeline import Pipeline
+    from qwen_jax.toy import all_prompts, real_set
+
+    prompts = list(prompts or all_prompts())
+    pipe = Pipeline.from_pretrained(model)
+    images, captions = sample_all(pipe, prompts, seeds, steps=steps, guidance=guidance, sigmas=sigmas,
+                                  negative=negative, batch_size=min(batch_size, len(prompts) * seeds),
+                                  progress=progress)
+    real, real_captions = real_set(prompts, reference_seeds, seed=12345)
+    metrics = toy_metrics.evaluate(images, captions, toy_metrics.reference_stats(real, real_captions))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    summary = {k: v for k, v in metrics.items() if k != "per_prompt"}
+    summary.update(model=str(model), steps=steps, guidance=guidance, sigmas=sigmas, seeds=seeds,
+                   prompts=len(prompts))
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps({**summary, "per_prompt": metrics["per_prompt"]}, indent=2, default=float))
+    tmp.replace(out / "metrics.json")
+    shown = min(len(prompts), 24)
+    toy_metrics.save_grid(images[: shown * seeds], out / "grid.png", cols=seeds)
+    return metrics, images, captions
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qwen_jax.eval.toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,35 +87,20 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from qwen_jax.eval import toy_metrics
-    from qwen_jax.pipeline import Pipeline
-    from qwen_jax.toy import all_prompts, parse_prompt, real_set
+    from qwen_jax.toy import parse_prompt
 
-    prompts = args.prompts or all_prompts()
     try:
-        for prompt in prompts:
+        for prompt in args.prompts or ():
             parse_prompt(prompt)
     except ValueError as e:
         print(f"error: --prompts: {e}", file=sys.stderr)
         return 2
-    pipe = Pipeline.from_pretrained(args.model)
-    images, captions = sample_all(pipe, prompts, args.seeds, steps=args.steps, guidance=args.guidance,
-                                  sigmas=args.sigmas, negative=args.negative_prompt,
-                                  batch_size=min(args.batch_size, len(prompts) * args.seeds),
-                                  progress=not args.quiet)
-    real, real_captions = real_set(prompts, args.reference_seeds, seed=12345)
-    metrics = toy_metrics.evaluate(images, captions, toy_metrics.reference_stats(real, real_captions))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    summary = {k: v for k, v in metrics.items() if k != "per_prompt"}
-    summary.update(model=str(args.model), steps=args.steps, guidance=args.guidance, sigmas=args.sigmas,
-                   seeds=args.seeds, prompts=len(prompts))
-    tmp = out / "metrics.json.tmp"
-    tmp.write_text(json.dumps({**summary, "per_prompt": metrics["per_prompt"]}, indent=2, default=float))
-    tmp.replace(out / "metrics.json")
-    shown = min(len(prompts), 24)
-    toy_metrics.save_grid(images[: shown * args.seeds], out / "grid.png", cols=args.seeds)
+    metrics, _, _ = evaluate_model(args.model, args.out, prompts=args.prompts, seeds=args.seeds, steps=args.steps,
+                                   guidance=args.guidance, sigmas=args.sigmas, negative=args.negative_prompt,
+                                   batch_size=args.batch_size, reference_seeds=args.reference_seeds,
+                                   progress=not args.quiet)
     print(toy_metrics.format_table(metrics))
-    print(f"wrote {out / 'metrics.json'} and {out / 'grid.png'}")
+    print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
     return 0
 
 

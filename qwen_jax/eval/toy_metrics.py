@@ -280,6 +280,35 @@ def format_table(metrics: dict) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(rows: dict[str, dict]) -> str:
+    """One line per model (label -> metrics), the four headline metrics as columns."""
+    width = max(len(label) for label in rows)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{k:>9}" for k in HEADLINE), "-" * (width + 11 * len(HEADLINE))]
+    lines += [f"{label:<{width}}  " + "  ".join(f"{m[k]:>9.4f}" for k in HEADLINE) for label, m in rows.items()]
+    return "\n".join(lines)
+
+
+def save_comparison(panels: dict[str, np.ndarray], path: str | PathLike, cols: int, scale: int = 3) -> None:
+    """Side-by-side grids (label -> images of the same prompts and seeds, `cols` per row), each
+    under its label, so a reader sees at once what each sampler does to the same noise."""
+    from PIL import Image, ImageDraw
+
+    from qwen_jax.sampling.grid import image_grid
+
+    grids = [np.round(image_grid(_as_unit(images), cols=cols) * 255).astype(np.uint8) for images in panels.values()]
+    grids = [g.repeat(scale, axis=0).repeat(scale, axis=1) for g in grids]
+    gap, header = 12, 16
+    height = header + max(g.shape[0] for g in grids)
+    width = sum(g.shape[1] for g in grids) + gap * (len(grids) - 1)
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw, x = ImageDraw.Draw(canvas), 0
+    for label, grid in zip(panels, grids):
+        draw.text((x + 2, 2), label, fill=(0, 0, 0))
+        canvas.paste(Image.fromarray(grid), (x, header))
+        x += grid.shape[1] + gap
+    canvas.save(path, format="PNG")
+
+
 def save_grid(images, path: str | PathLike, cols: int | None = None, scale: int = 4) -> None:
     """Write images (uint8, or float in [0, 1]) as one PNG grid, each pixel `scale` x `scale`
     (nearest neighbour, so hard edges stay hard and 32-pixel images stay visible)."""

@@ -1,0 +1,116 @@
+"""`make demo`: the toy world from a fresh clone, in minutes, on a CPU.
+
+    python -m qwen_jax.toy.demo [--out runs/demo] [--seeds 2] [--retrain [--train-steps N]]
+
+1. assembles the committed teacher (`models/toy/teacher`: a trained transformer and the digest
+   of the text encoder it was trained with) into a full pipeline folder `runs/demo/teacher`,
+   regenerating the frozen text encoder from its seed and refusing a different one; with
+   --retrain it trains the teacher first (`configs/flow_matching.py:toy`, the committed recipe);
+2. evaluates it on the 168 prompts (`qwen_jax.eval.toy`): 50 steps with CFG, then 2 Euler steps
+   (sigmas 1 -> 0.75 -> 0), the gap a few-step student must close;
+3. prints one table and writes `runs/demo/compare.png` (the same prompts and seeds side by side).
+
+Every folder it leaves under --out loads with `python -m qwen_jax.sample --model`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+TEACHER = REPO / "models" / "toy" / "teacher"
+COMPARE_PROMPTS = 12  # rows of compare.png, spread over colours, shapes and backgrounds
+
+
+def assemble(model_dir: Path, out: Path) -> Path:
+    """A committed toy model folder (transformer/ + toy.json) -> a pipeline folder at `out`."""
+    from qwen_jax.toy.build import build_toy_pipeline
+
+    meta = json.loads((model_dir / "toy.json").read_text())
+    if out.exists():  # reuse a pipeline built from the same weights
+        built = json.loads((out / "toy.json").read_text()) if (out / "toy.json").exists() else {}
+        if built.get("source") == str(model_dir) and built.get("text_encoder_sha256") == meta["text_encoder_sha256"]:
+            return out
+        raise FileExistsError(f"{out} exists and was not built from {model_dir}; remove it or choose another --out")
+    build_toy_pipeline(out, transformer=str(model_dir / "transformer"), expect_digest=meta["text_encoder_sha256"])
+    (out / "toy.json").write_text(json.dumps({**meta, "source": str(model_dir)}, indent=2))
+    return out
+
+
+def retrain(out: Path, steps: int | None) -> Path:
+    """Trains the teacher with the committed recipe; returns a model folder like models/toy/teacher."""
+    from qwen_jax.toy.build import build_toy_pipeline
+
+    base, workdir = out / "base", out / "teacher_run"
+    digest = build_toy_pipeline(base) if not base.exists() else json.loads(
+        (TEACHER / "toy.json").read_text())["text_encoder_sha256"]
+    cmd = [sys.executable, "-m", "qwen_jax.train", f"--config={REPO / 'configs' / 'flow_matching.py'}:toy",
+           f"--workdir={workdir}", f"--config.model.pretrained={base}"]
+    if steps:
+        cmd.append(f"--config.total_steps={steps}")
+    print("training the teacher:", " ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+    model_dir = out / "teacher_model"
+    model_dir.mkdir(exist_ok=True)
+    if not (model_dir / "transformer").exists():
+        (model_dir / "transformer").symlink_to((workdir / "export" / "transformer").resolve())
+    (model_dir / "toy.json").write_text(json.dumps({"text_encoder_sha256": digest, "command": " ".join(cmd)}))
+    return model_dir
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwen_jax.toy.demo", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="runs/demo", help="where the model folders, metrics and grids go")
+    p.add_argument("--seeds", type=int, default=2, help="images per prompt (the issue's tables use 8)")
+    p.add_argument("--prompts", nargs="+", help="a subset of the 168 captions (default: all)")
+    p.add_argument("--teacher-steps", type=int, default=50, help="sampling steps of the teacher")
+    p.add_argument("--guidance", type=float, default=2.0, help="the teacher's CFG scale")
+    p.add_argument("--retrain", action="store_true", help="train the teacher instead of using models/toy/teacher")
+    p.add_argument("--train-steps", type=int, help="with --retrain: fewer steps than the recipe (smoke runs)")
+    args = p.parse_args(argv)
+
+    from qwen_jax.eval import toy_metrics
+    from qwen_jax.eval.toy import evaluate_model
+    from qwen_jax.toy import all_prompts
+
+    start = time.perf_counter()
+    out = Path(args.out).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        source = retrain(out, args.train_steps) if args.retrain else TEACHER
+        teacher = assemble(source, out / "teacher")
+    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"teacher pipeline: {teacher}", flush=True)
+
+    prompts = args.prompts or all_prompts()
+    runs = {f"teacher {args.teacher_steps} steps CFG {args.guidance:g}": dict(steps=args.teacher_steps,
+                                                                             guidance=args.guidance),
+            f"teacher 2 steps CFG {args.guidance:g}": dict(steps=2, guidance=args.guidance)}
+    rows, panels = {}, {}
+    shown = sorted({round(i * (len(prompts) - 1) / max(1, COMPARE_PROMPTS - 1)) for i in range(COMPARE_PROMPTS)})
+    for label, kw in runs.items():
+        print(f"== {label}", flush=True)
+        name = "eval_" + label.replace(" ", "_").replace("CFG_", "cfg")
+        metrics, images, _ = evaluate_model(teacher, out / name, prompts=prompts, seeds=args.seeds, **kw)
+        rows[label] = metrics
+        panels[label] = images.reshape(len(prompts), args.seeds, *images.shape[1:])[shown].reshape(
+            -1, *images.shape[1:])
+    toy_metrics.save_comparison(panels, out / "compare.png", cols=args.seeds)
+    print()
+    print(toy_metrics.format_comparison(rows))
+    print(f"\n{len(prompts)} prompts x {args.seeds} seeds; metrics in {out}/eval_*/metrics.json")
+    print(f"grid (same prompts and seeds per column): {out / 'compare.png'}")
+    print(f"demo finished in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
