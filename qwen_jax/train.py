@@ -17,7 +17,6 @@ Workdir layout:
 
 from __future__ import annotations
 
-import functools
 import json
 import signal
 import sys
@@ -33,13 +32,14 @@ from qwen_jax import checkpoints, data as data_lib
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.training import distributed, evaluation, export as export_lib
-from qwen_jax.training import flow_matching, optim
+from qwen_jax.distillation import dmd2, pcm
+from qwen_jax.training import flow_matching
 from qwen_jax.training import state as state_lib
 from qwen_jax.training.checkpointing import Checkpoints
 from qwen_jax.training.conditioning import Conditioner, drop_captions
 from qwen_jax.training.metrics import MetricWriter
 
-OBJECTIVES = {"flow_matching": flow_matching}
+OBJECTIVES = {"flow_matching": flow_matching.Trainer, "pcm": pcm.Trainer, "dmd2": dmd2.Trainer}
 
 
 class StopRequested:
@@ -102,8 +102,8 @@ class BatchMaker:
     depend on how many processes share the batch, and a resumed run drops the same rows.
     """
 
-    def __init__(self, config, conditioner: Conditioner | None, loader: data_lib.Loader, mesh):
-        self.config, self.conditioner, self.mesh = config, conditioner, mesh
+    def __init__(self, config, conditioner: Conditioner | None, loader: data_lib.Loader, mesh, negative: bool = False):
+        self.config, self.conditioner, self.mesh, self.negative = config, conditioner, mesh, negative
         if conditioner is None:
             self.uncond = loader.source.uncond()
         else:
@@ -126,6 +126,11 @@ class BatchMaker:
         embeds = np.pad(embeds, ((0, 0), (0, length - embeds.shape[1]), (0, 0)))
         mask = np.pad(mask, ((0, 0), (0, length - mask.shape[1])))
         local = {"latents": np.asarray(latents, np.float32), "prompt_embeds": embeds, "prompt_mask": mask}
+        if self.negative:  # the unconditional prompt's states per row, for a CFG teacher
+            neg, neg_mask = drop_captions(embeds, mask, np.ones(len(embeds), bool), *self.uncond,
+                                          bucket=self.config.data.text_bucket)
+            local["negative_embeds"] = np.pad(neg, ((0, 0), (0, length - neg.shape[1]), (0, 0)))[:, :length]
+            local["negative_mask"] = np.pad(neg_mask, ((0, 0), (0, length - neg_mask.shape[1])))[:, :length]
         return {k: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(self.mesh, v.ndim), v)
                 for k, v in local.items()}
 
@@ -146,7 +151,8 @@ def train(config, workdir: str | Path, devices=None) -> dict:
     """Runs (or resumes) training in `workdir`.
 
     devices: the devices of the mesh (default: all). Returns {"step", "stopped_by_signal",
-    "last_metrics", "skipped", "state", "frozen"} (the final train state and frozen tree).
+    "last_metrics", "skipped", "state", "frozen", "trainer"} (the final train state, the frozen
+    tree, and the objective's trainer, which holds the teacher under distillation).
     """
     workdir = Path(workdir)
     objective = OBJECTIVES.get(config.objective)
@@ -184,26 +190,22 @@ def train(config, workdir: str | Path, devices=None) -> dict:
                                                max_sequence_length=config.data.max_sequence_length,
                                                text_bucket=config.data.text_bucket)
                    if needs_encoders else None)
-    make_batch = BatchMaker(config, None if config.data.cache else conditioner, loader, mesh)
+    make_batch = BatchMaker(config, None if config.data.cache else conditioner, loader, mesh,
+                            negative=objective.needs_negative)
 
-    # ---- Model, optimizer, train state ------------------------------------------------------
+    # ---- Model, objective, train state -------------------------------------------------------
     lora = config.model.lora_rank > 0
     graphdef, params, frozen = load_model(config, mesh)
-    tx, schedule = optim.make_optimizer(config.optim, config.total_steps)
-    shardings = state_lib.state_shardings(tx, params, mesh, ema=config.ema.decay > 0)
+    trainer = objective(config, graphdef, params, frozen, mesh)
+    del params  # the trainer (then the state) owns them
     if start_step:
-        state, data_state = ckpt.restore(start_step, state_lib.abstract_train_state(tx, params, shardings))
-        del params
+        state, data_state = ckpt.restore(start_step, trainer.abstract_state())
     else:
-        state, data_state = state_lib.create_train_state(tx, params, shardings), None
+        state, data_state = trainer.init_state(), None
     data_iter = loader.iterator(data_state)
-    logging.info("training %s parameters (%s), %s frozen", f"{_count(state['params']):,}",
+    logging.info("training %s parameters (%s, %s), %s frozen", f"{_count(state['params']):,}", config.objective,
                  "LoRA" if lora else "full", f"{_count(frozen):,}")
 
-    step_fn = jax.jit(
-        functools.partial(objective.train_step, graphdef=graphdef, tx=tx, schedule=schedule, config=config),
-        in_shardings=(shardings, state_lib.tree_shardings(frozen, mesh), None),
-        out_shardings=(shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
     sampler = (evaluation.GridSampler(config.eval, conditioner, graphdef, _scheduler(pretrained), mesh)
                if config.eval.every else None)
 
@@ -215,7 +217,7 @@ def train(config, workdir: str | Path, devices=None) -> dict:
         while step < config.total_steps:
             batch = make_batch(next(data_iter), step)
             with jax.set_mesh(mesh):  # the frame in which activations follow the mesh's rules
-                state, metrics = step_fn(state, frozen, batch)
+                state, metrics = trainer.step(state, frozen, batch, step)
             step += 1
             ckpt.save(step, state, data_iter.get_state())
             if step % config.log.every == 0 or step == config.total_steps:
@@ -229,9 +231,8 @@ def train(config, workdir: str | Path, devices=None) -> dict:
             # only host floats: formatting a device array would wait for the step every time
             writer.progress(step, loss=metrics["loss"] if isinstance(metrics.get("loss"), float) else None)
             if sampler and step % config.eval.every == 0:
-                weights = state["ema"] if config.eval.use_ema and "ema" in state else state["params"]
                 with jax.set_mesh(mesh):
-                    writer.images(step, "samples/grid", sampler(weights, frozen))
+                    writer.images(step, "samples/grid", sampler(trainer.student(state, config.eval.use_ema), frozen))
             if stop.requested():
                 stopped = True
                 break
@@ -244,12 +245,12 @@ def train(config, workdir: str | Path, devices=None) -> dict:
         logging.warning("%d unreadable images were skipped: %s", loader.num_skipped,
                         ", ".join(p for p, _ in loader.skipped[:10]))
     if not stopped and config.export.at_end and step >= config.total_steps:
-        weights = state["ema"] if config.export.use_ema and "ema" in state else state["params"]
-        export_lib.export_run(workdir / "export", graphdef, weights, frozen, pipeline=pretrained, lora=lora)
+        export_lib.export_run(workdir / "export", graphdef, trainer.student(state, config.export.use_ema), frozen,
+                              pipeline=pretrained, lora=lora)
     writer.close()
     logging.info("%s at step %d", "stopped by signal" if stopped else "finished", step)
     return {"step": step, "stopped_by_signal": stopped, "last_metrics": metrics, "skipped": loader.num_skipped,
-            "state": state, "frozen": frozen}
+            "state": state, "frozen": frozen, "trainer": trainer}
 
 
 def _resolve(pretrained: str) -> Path:

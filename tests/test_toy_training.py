@@ -82,29 +82,37 @@ def test_toy_teacher_trains_resumes_exports_and_evaluates(toy_base, tmp_path):
 
 
 def test_demo_shortened_assembles_the_committed_teacher_and_compares(tmp_path, capsys):
-    """`make demo` at smoke size: the committed teacher regenerates its text encoder exactly
-    (digest checked), samples the right colours, and the demo prints one table and a grid."""
+    """`make demo` without its distillation: the committed teacher regenerates its text encoder
+    exactly (digest checked), samples the right colours, and the demo prints one table and a grid."""
     from qwen_jax.toy import demo
 
     prompts = ["a red circle on a blue background", "a green square on a black background",
                "a white triangle on a magenta background", "a cyan square on a yellow background"]
-    args = ["--out", str(tmp_path / "demo"), "--prompts", *prompts, "--seeds", "2", "--teacher-steps", "12"]
+    args = ["--out", str(tmp_path / "demo"), "--prompts", *prompts, "--seeds", "2", "--teacher-steps", "12",
+            "--no-distill"]
     assert demo.main(args) == 0
     printed = capsys.readouterr().out
-    assert "teacher 12 steps CFG 2" in printed and "teacher 2 steps CFG 2" in printed
+    assert "teacher 12 steps, CFG 2" in printed and "teacher 2 steps, CFG 2" in printed
     assert (tmp_path / "demo" / "compare.png").is_file()
-    m = json.loads((tmp_path / "demo" / "eval_teacher_12_steps_cfg2" / "metrics.json").read_text())
+    m = json.loads((tmp_path / "demo" / "eval_teacher_12_steps_CFG_2" / "metrics.json").read_text())
     assert m["bg_accuracy"] == 1.0 and m["fg_accuracy"] >= 0.75 and m["count"] == 8  # chance: 1/7
-    assert demo.main(args[:2] + ["--prompts", prompts[0], "--seeds", "1", "--teacher-steps", "2"]) == 0  # reuses
-    (tmp_path / "other").mkdir()
-    (tmp_path / "other" / "teacher").mkdir()
-    assert demo.main(["--out", str(tmp_path / "other"), "--prompts", prompts[0]]) == 1  # not ours: refused
+    assert demo.main(args[:2] + ["--prompts", prompts[0], "--seeds", "1", "--teacher-steps", "2", "--no-distill"]) == 0
+    (tmp_path / "other" / "teacher").mkdir(parents=True)
+    assert demo.main(["--out", str(tmp_path / "other"), "--prompts", prompts[0], "--no-distill"]) == 1  # not ours
 
 
-def test_demo_retrain_runs_the_teacher_recipe(tmp_path):
+def test_demo_distills_with_pcm_then_dmd2(tmp_path, capsys):
+    """`make demo` at smoke size: PCM, DMD2 + GAN from its export, the three-way table.
+    (--retrain runs `python -m qwen_jax.train` on the toy config, tested in-process above.)"""
     from qwen_jax.toy import demo
 
-    assert demo.main(["--out", str(tmp_path / "demo"), "--retrain", "--train-steps", "2", "--prompts",
-                      "a red circle on a blue background", "--seeds", "1", "--teacher-steps", "2"]) == 0
-    assert read_metrics(tmp_path / "demo" / "teacher_run")[-1]["step"] == 2
-    assert (tmp_path / "demo" / "teacher" / "transformer").is_dir()
+    out = tmp_path / "demo"
+    assert demo.main(["--out", str(out), "--pcm-steps", "2", "--dmd2-steps", "2",
+                      "--prompts", "a red circle on a blue background", "--seeds", "1", "--teacher-steps", "3"]) == 0
+    assert [read_metrics(out / n)[-1]["step"] for n in ("pcm", "dmd2")] == [2, 2]
+    assert "student 2 steps, CFG 1" in capsys.readouterr().out
+    results = json.loads((out / "results.json").read_text())
+    assert list(results) == ["teacher 3 steps, CFG 2", "teacher 2 steps, CFG 2", "student 2 steps, CFG 1"]
+    from qwen_jax.pipeline import Pipeline
+
+    Pipeline.from_pretrained(out / "student")  # a pipeline folder the sampler loads

@@ -1,16 +1,19 @@
-"""`make demo`: the toy world from a fresh clone, in minutes, on a CPU.
+"""`make demo`: the toy world from a fresh clone, on a CPU, in about 15 minutes.
 
     python -m qwen_jax.toy.demo [--out runs/demo] [--seeds 2] [--retrain [--train-steps N]]
+                                [--pcm-steps 300] [--dmd2-steps 300] [--no-distill]
 
 1. assembles the committed teacher (`models/toy/teacher`: a trained transformer and the digest
    of the text encoder it was trained with) into a full pipeline folder `runs/demo/teacher`,
    regenerating the frozen text encoder from its seed and refusing a different one; with
    --retrain it trains the teacher first (`configs/flow_matching.py:toy`, the committed recipe);
-2. evaluates it on the 168 prompts (`qwen_jax.eval.toy`): 50 steps with CFG, then 2 Euler steps
-   (sigmas 1 -> 0.75 -> 0), the gap a few-step student must close;
-3. prints one table and writes `runs/demo/compare.png` (the same prompts and seeds side by side).
+2. distills a 2-step student from it: the full recipe of `qwen_jax.toy.distill` (PCM warm start,
+   then DMD2 + GAN), shortened (300 + 300 iterations; --no-distill skips it);
+3. evaluates on the 168 prompts (`qwen_jax.eval.toy`): the teacher at 50 steps with CFG, the
+   teacher at 2 Euler steps (sigmas 1 -> 0.75 -> 0), the student at 2 steps without CFG;
+4. prints one table and writes `runs/demo/compare.png` (the same prompts and seeds side by side).
 
-Every folder it leaves under --out loads with `python -m qwen_jax.sample --model`.
+Every folder it leaves under --out (teacher, student) loads with `python -m qwen_jax.sample --model`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 TEACHER = REPO / "models" / "toy" / "teacher"
-COMPARE_PROMPTS = 12  # rows of compare.png, spread over colours, shapes and backgrounds
 
 
 def assemble(model_dir: Path, out: Path) -> Path:
@@ -73,41 +75,24 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=2.0, help="the teacher's CFG scale")
     p.add_argument("--retrain", action="store_true", help="train the teacher instead of using models/toy/teacher")
     p.add_argument("--train-steps", type=int, help="with --retrain: fewer steps than the recipe (smoke runs)")
+    p.add_argument("--pcm-steps", type=int, default=300, help="PCM iterations of the shortened distillation")
+    p.add_argument("--dmd2-steps", type=int, default=300, help="DMD2 + GAN iterations of the shortened distillation")
+    p.add_argument("--no-distill", action="store_true", help="only the teacher, at 50 and 2 steps")
     args = p.parse_args(argv)
 
-    from qwen_jax.eval import toy_metrics
-    from qwen_jax.eval.toy import evaluate_model
-    from qwen_jax.toy import all_prompts
+    from qwen_jax.toy.distill import distill
 
     start = time.perf_counter()
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
     try:
         source = retrain(out, args.train_steps) if args.retrain else TEACHER
-        teacher = assemble(source, out / "teacher")
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
+        steps = (0, 0) if args.no_distill else (args.pcm_steps, args.dmd2_steps)
+        distill(out, pcm_steps=steps[0], dmd2_steps=steps[1], seeds=args.seeds, prompts=args.prompts,
+                teacher_steps=args.teacher_steps, guidance=args.guidance, teacher_source=source)
+    except (FileExistsError, FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"teacher pipeline: {teacher}", flush=True)
-
-    prompts = args.prompts or all_prompts()
-    runs = {f"teacher {args.teacher_steps} steps CFG {args.guidance:g}": dict(steps=args.teacher_steps,
-                                                                             guidance=args.guidance),
-            f"teacher 2 steps CFG {args.guidance:g}": dict(steps=2, guidance=args.guidance)}
-    rows, panels = {}, {}
-    shown = sorted({round(i * (len(prompts) - 1) / max(1, COMPARE_PROMPTS - 1)) for i in range(COMPARE_PROMPTS)})
-    for label, kw in runs.items():
-        print(f"== {label}", flush=True)
-        name = "eval_" + label.replace(" ", "_").replace("CFG_", "cfg")
-        metrics, images, _ = evaluate_model(teacher, out / name, prompts=prompts, seeds=args.seeds, **kw)
-        rows[label] = metrics
-        panels[label] = images.reshape(len(prompts), args.seeds, *images.shape[1:])[shown].reshape(
-            -1, *images.shape[1:])
-    toy_metrics.save_comparison(panels, out / "compare.png", cols=args.seeds)
-    print()
-    print(toy_metrics.format_comparison(rows))
-    print(f"\n{len(prompts)} prompts x {args.seeds} seeds; metrics in {out}/eval_*/metrics.json")
-    print(f"grid (same prompts and seeds per column): {out / 'compare.png'}")
     print(f"demo finished in {time.perf_counter() - start:.0f} s")
     return 0
 

@@ -1,0 +1,48 @@
+"""Discriminator heads on a transformer's image-token features (the GAN of DMD2 for an MMDiT).
+
+There is no UNet bottleneck in a DiT, so each chosen block's image-token hidden states
+(B, L, D) get a small head: parameter-free layer norm, Dense(D -> D), SiLU, Dense(D -> 1) per
+token, averaged over tokens: one logit per image per head, summed over heads. Per-token heads
+work at any resolution and aspect ratio (PCM's SD3 discriminator and SANA-Sprint do the same).
+
+Parameters are a plain dict {"<i>": {"w1", "b1", "w2", "b2"}} in float32, replicated: they are
+tiny next to the backbone. The backbone (fake score or frozen teacher) is chosen by the caller.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def blocks_at(fractions, num_layers: int) -> tuple[int, ...]:
+    """Block indices at fractions of the depth (1.0 = the last block): (0.5, 0.75, 1.0) of 60 -> (29, 44, 59)."""
+    out = sorted({min(num_layers - 1, max(0, round(float(f) * num_layers) - 1)) for f in fractions})
+    if not out:
+        raise ValueError("config.gan.blocks must name at least one depth fraction")
+    return tuple(out)
+
+
+def init_heads(key: jax.Array, width: int, count: int) -> dict:
+    heads = {}
+    for i, k in enumerate(jax.random.split(key, count)):
+        k1, k2 = jax.random.split(k)
+        heads[str(i)] = {"w1": jax.random.normal(k1, (width, width), jnp.float32) / jnp.sqrt(width),
+                         "b1": jnp.zeros((width,), jnp.float32),
+                         "w2": jax.random.normal(k2, (width, 1), jnp.float32) / jnp.sqrt(width),
+                         "b2": jnp.zeros((1,), jnp.float32)}
+    return heads
+
+
+def logits(heads: dict, features: tuple[jax.Array, ...]) -> jax.Array:
+    """(B,) logits: the sum over heads of each head's mean per-token logit."""
+    if len(features) != len(heads):
+        raise ValueError(f"{len(features)} feature maps for {len(heads)} heads")
+    total = 0.0
+    for i, f in enumerate(features):
+        p = heads[str(i)]
+        f = f.astype(jnp.float32)
+        f = (f - f.mean(-1, keepdims=True)) * jax.lax.rsqrt(f.var(-1, keepdims=True) + 1e-6)
+        h = jax.nn.silu(f @ p["w1"] + p["b1"])
+        total = total + jnp.mean((h @ p["w2"] + p["b2"])[..., 0], axis=-1)
+    return total

@@ -1,0 +1,116 @@
+"""The toy distillation, one command: PCM warm start -> DMD2 + GAN from the committed teacher.
+
+    python -m qwen_jax.toy.distill --out runs/toy_distill                       # the full recipe
+    python -m qwen_jax.toy.distill --out runs/abl_dmd2 --pcm-steps 0            # DMD2 only (ablation)
+    python -m qwen_jax.toy.distill --out runs/abl_pcm --dmd2-steps 0            # PCM only
+    python -m qwen_jax.toy.distill --out runs/abl_nogan --pcm-steps 0 --no-gan  # DMD2 without GAN
+
+Stages are `python -m qwen_jax.train` runs of configs/pcm.py:toy and configs/dmd2.py:toy (each
+resumable: run the command again after an interruption). Then it evaluates on the 168 prompts:
+the teacher at 50 steps with CFG, the teacher at 2 Euler steps, the student at 2 steps without
+CFG; prints the table and writes `compare.png` (the three side by side, same prompts and seeds)
+and `results.json`. The student is left as a pipeline folder in <out>/student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+COMPARE_PROMPTS = 12
+
+
+def train_stage(name: str, out: Path, teacher: Path, steps: int, overrides: list[str]) -> Path:
+    """Runs configs/<name>.py:toy for `steps` iterations in <out>/<name>; returns its export folder."""
+    workdir = out / name
+    cmd = [sys.executable, "-m", "qwen_jax.train", f"--config={REPO / 'configs' / f'{name}.py'}:toy",
+           f"--workdir={workdir}", f"--config.model.pretrained={teacher}", f"--config.total_steps={steps}",
+           *overrides]
+    if not (workdir / "export" / "transformer").is_dir():
+        print(f"== {name}: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+    return workdir / "export"
+
+
+def evaluate(rows: dict[str, tuple[Path, dict]], out: Path, prompts, seeds: int) -> dict:
+    """Evaluates each (model, sampler kwargs), prints the table, writes compare.png and results.json."""
+    from qwen_jax.eval import toy_metrics
+    from qwen_jax.eval.toy import evaluate_model
+
+    shown = sorted({round(i * (len(prompts) - 1) / max(1, COMPARE_PROMPTS - 1)) for i in range(COMPARE_PROMPTS)})
+    results, panels = {}, {}
+    for label, (model, kw) in rows.items():
+        print(f"== evaluating {label}", flush=True)
+        name = "eval_" + label.replace(" ", "_").replace(",", "")
+        metrics, images, _ = evaluate_model(model, out / name, prompts=prompts, seeds=seeds, progress=False, **kw)
+        results[label] = {k: v for k, v in metrics.items() if k != "per_prompt"}
+        panels[label] = images.reshape(len(prompts), seeds, *images.shape[1:])[shown].reshape(-1, *images.shape[1:])
+    toy_metrics.save_comparison(panels, out / "compare.png", cols=seeds)
+    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    print()
+    print(toy_metrics.format_comparison(results))
+    print(f"\n{len(prompts)} prompts x {seeds} seeds; grid (same prompts and seeds per column): {out / 'compare.png'}")
+    return results
+
+
+def distill(out: Path, *, pcm_steps: int, dmd2_steps: int, gan: bool = True, extra_pcm=(), extra_dmd2=(),
+            seeds: int = 8, prompts=None, teacher_steps: int = 50, guidance: float = 2.0,
+            teacher_source: Path | None = None) -> dict:
+    """PCM then DMD2 (either may be 0 steps) from the committed teacher (or `teacher_source`, a
+    folder like models/toy/teacher), then the evaluation; returns {label: metrics}."""
+    from qwen_jax.toy import all_prompts
+    from qwen_jax.toy.demo import TEACHER, assemble
+
+    out = out.absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    teacher = assemble(teacher_source or TEACHER, out / "teacher")
+    student = None
+    if pcm_steps:
+        student = train_stage("pcm", out, teacher, pcm_steps, list(extra_pcm))
+    if dmd2_steps:
+        overrides = list(extra_dmd2)
+        if student is not None:
+            overrides.append(f"--config.distill.student_init={student / 'transformer'}")
+        if not gan:
+            overrides += ["--config.gan.gen_weight=0", "--config.gan.disc_weight=0"]
+        student = train_stage("dmd2", out, teacher, dmd2_steps, overrides)
+    rows = {f"teacher {teacher_steps} steps, CFG {guidance:g}": (teacher, dict(steps=teacher_steps, guidance=guidance)),
+            f"teacher 2 steps, CFG {guidance:g}": (teacher, dict(steps=2, guidance=guidance))}
+    if student is not None:
+        link = out / "student"
+        if not link.exists():
+            link.symlink_to(student)
+        rows["student 2 steps, CFG 1"] = (link, dict(steps=2, guidance=1.0))
+    return evaluate(rows, out, list(prompts or all_prompts()), seeds)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m qwen_jax.toy.distill", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--pcm-steps", type=int, default=1000, help="PCM iterations (0: no warm start)")
+    p.add_argument("--dmd2-steps", type=int, default=2000, help="DMD2 iterations (0: PCM only)")
+    p.add_argument("--no-gan", action="store_true", help="DMD2 without the GAN terms")
+    p.add_argument("--seeds", type=int, default=8)
+    p.add_argument("--prompts", nargs="+")
+    p.add_argument("--pcm-override", action="append", default=[], help="extra --config.* flag for the PCM stage")
+    p.add_argument("--dmd2-override", action="append", default=[], help="extra --config.* flag for the DMD2 stage")
+    args = p.parse_args(argv)
+    start = time.perf_counter()
+    try:
+        distill(Path(args.out), pcm_steps=args.pcm_steps, dmd2_steps=args.dmd2_steps, gan=not args.no_gan,
+                extra_pcm=args.pcm_override, extra_dmd2=args.dmd2_override, seeds=args.seeds, prompts=args.prompts)
+    except (FileExistsError, FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"finished in {(time.perf_counter() - start) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

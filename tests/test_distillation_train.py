@@ -1,0 +1,140 @@
+"""The distillation objectives in the real trainer, on the toy model family at smoke size:
+PCM and DMD2 + GAN run, resume and export; the teacher is never touched; the generator and
+critic update on their schedule; the exported student loads in diffusers and matches JAX."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from qwen_jax import checkpoints
+from qwen_jax.pytree import flatten_params
+from qwen_jax.train import train
+from qwen_jax.training.metrics import read_metrics
+from test_toy_training import toy_base  # noqa: F401  (module fixture: the toy model family)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_config(name: str, base, **overrides):
+    spec = importlib.util.spec_from_file_location(f"{name}_config", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("toy")
+    c.model.pretrained = str(base)
+    c.update_from_flattened_dict({"data.batch_size": 8, "log.every": 1, "log.progress": False, "eval.every": 0,
+                                  "checkpoint.every": 3, **overrides})
+    c.lock()
+    return c
+
+
+def flat(tree) -> dict:
+    return {k: np.asarray(v) for k, v in flatten_params(jax.device_get(tree)).items()}
+
+
+def assert_trees_equal(a, b):
+    a, b = flat(a), flat(b)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg="/".join(k))
+
+
+def moved(a, b) -> bool:
+    a, b = flat(a), flat(b)
+    return any(not np.array_equal(a[k], b[k]) for k in a)
+
+
+def adam_count(opt_state) -> int:
+    counts = [int(s.count) for s in jax.tree.leaves(opt_state, is_leaf=lambda s: hasattr(s, "count") and hasattr(
+        s, "mu")) if hasattr(s, "mu")]
+    assert counts, "no Adam state found"
+    return counts[0]
+
+
+def transformer_params(folder):
+    from qwen_jax.training.state import split_trainable
+
+    return split_trainable(checkpoints.load_transformer(folder), lora=False)[1]
+
+
+def teacher_params(base):
+    return transformer_params(Path(base) / "transformer")
+
+
+def test_pcm_then_dmd2_with_gan_on_schedule_teacher_untouched_resumes_and_exports_to_diffusers(toy_base, tmp_path):
+    teacher = teacher_params(toy_base)
+    pcm = train(load_config("pcm", toy_base, total_steps=2), tmp_path / "pcm")
+    assert_trees_equal(pcm["trainer"].teacher, teacher)
+    assert moved(pcm["state"]["params"], teacher)
+    assert all(np.isfinite(m["train/pcm_loss"]) for m in read_metrics(tmp_path / "pcm"))
+    student_init = tmp_path / "pcm" / "export" / "transformer"
+
+    ratio, steps = 3, 6
+    dmd2 = {"dmd2.dfake_gen_update_ratio": ratio, "distill.student_init": str(student_init)}
+    first = train(load_config("dmd2", toy_base, total_steps=4, **dmd2), tmp_path / "run")
+    assert_trees_equal(first["trainer"].teacher, teacher)  # the real score: the teacher, bit-identical after training
+    state = first["state"]
+    assert int(state["step"]) == 4 and adam_count(state["opt_state"]["critic"]) == 4
+    assert adam_count(state["opt_state"]["generator"]) == math.ceil(4 / ratio)  # iterations 0 and 3
+    assert moved(state["params"]["generator"], transformer_params(student_init))
+    assert moved(state["params"]["fake"], teacher) and moved(state["params"]["heads"], first["trainer"].initial_heads)
+
+    # resumes from the step-4 checkpoint; the GAN now reads the frozen teacher's features (same heads)
+    result = train(load_config("dmd2", toy_base, total_steps=steps, **dmd2, **{"gan.backbone": "teacher"}),
+                   tmp_path / "run")
+    state = result["state"]
+    assert int(state["step"]) == steps and adam_count(state["opt_state"]["generator"]) == math.ceil(steps / ratio)
+    assert_trees_equal(result["trainer"].teacher, teacher)
+    metrics = read_metrics(tmp_path / "run")
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    for key in ("fake_score_loss", "gan_discriminator_loss", "real_logit", "fake_logit"):  # every iteration
+        assert all(np.isfinite(m[f"train/{key}"]) for m in metrics), key
+    generator_turns = [m for m in metrics if (m["step"] - 1) % ratio == 0]  # step s logs iteration s - 1
+    assert [m["step"] for m in generator_turns] == [1, 4]
+    for key in ("dmd_loss", "gan_generator_loss", "generator_grad_norm", "exit_step"):
+        assert all(np.isfinite(m[f"train/{key}"]) for m in generator_turns), key
+    exported = transformer_params(tmp_path / "run" / "export" / "transformer")
+    assert_trees_equal(exported, state["ema"])  # the export is the generator's EMA
+
+    # the exported student -> diffusers folder -> QwenImageTransformer2DModel reproduces the JAX output
+    spec = importlib.util.spec_from_file_location("convert_weights", REPO / "tools" / "convert_weights.py")
+    convert = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(convert)
+    exported = tmp_path / "run" / "export" / "transformer"
+    assert convert.main(["--to", "diffusers", str(exported), str(tmp_path / "diffusers")]) == 0
+    from diffusers import QwenImageTransformer2DModel
+
+    tm, info = QwenImageTransformer2DModel.from_pretrained(tmp_path / "diffusers", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    model = checkpoints.load_transformer(exported)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 64, 48)).astype(np.float32)
+    txt = rng.standard_normal((2, 12, 64)).astype(np.float32)
+    mask = np.ones((2, 12), np.int64)
+    mask[1, 7:] = 0
+    t = np.array([1.0, 0.75], np.float32)
+    out = np.asarray(model(x, txt, mask, t, ((1, 8, 8),)))
+    with torch.no_grad():
+        ref = tm.eval()(torch.from_numpy(x), torch.from_numpy(txt), torch.from_numpy(mask), torch.from_numpy(t),
+                        [(1, 8, 8)] * 2).sample.numpy()
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
+
+
+def test_dmd2_config_errors_name_the_field(toy_base, tmp_path):
+    from qwen_jax.conversion.errors import ConversionError
+
+    for field, value, match in [("gan.backbone", "vae", "gan.backbone"), ("distill.renoise", "euler", "renoise"),
+                                ("gan.real_share", 0.5, "real_share"), ("dmd2.dfake_gen_update_ratio", 0, "ratio")]:
+        with pytest.raises(ValueError, match=match):
+            train(load_config("dmd2", toy_base, total_steps=1, **{field: value}), tmp_path / "bad")
+    with pytest.raises(ValueError, match="student_init"):  # a merged export cannot seed LoRA adapters
+        train(load_config("dmd2", toy_base, total_steps=1, **{"distill.student_init": str(tmp_path),
+                                                               "model.lora_rank": 4}), tmp_path / "bad")
+    with pytest.raises(ConversionError, match="student_init: .*not a qwen_jax transformer folder"):
+        train(load_config("dmd2", toy_base, total_steps=1, **{"distill.student_init": str(tmp_path)}), tmp_path / "b")
