@@ -126,8 +126,27 @@ def test_pcm_then_dmd2_with_gan_on_schedule_teacher_untouched_resumes_and_export
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 1e-4
 
 
-def test_dmd2_config_errors_name_the_field(toy_base, tmp_path):
+def test_configs_load_with_their_variants():
+    for name in ("pcm", "dmd2"):
+        spec = importlib.util.spec_from_file_location(f"{name}_cfg", REPO / "configs" / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        real, toy = module.get_config(None), module.get_config("toy")
+        assert real.objective == toy.objective == name and real.model.lora_rank == 64 and real.distill.guidance == 4
+        assert toy.model.lora_rank == 0 and toy.data.toy and toy.eval.num_steps == 2 and toy.eval.guidance == 1
+        with pytest.raises(ValueError, match="unknown variant"):
+            module.get_config("sdxl")
+
+
+def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
     from qwen_jax.conversion.errors import ConversionError
+
+    # the real config's shape: LoRA student and fake score on one frozen base (the teacher = base)
+    lora = train(load_config("dmd2", toy_base, total_steps=1, **{"model.lora_rank": 4}), tmp_path / "lora")
+    assert all(k[-1] in ("lora_a", "lora_b") for k in flat(lora["state"]["params"]["generator"]))
+    assert not any(np.any(v) for k, v in flat(lora["trainer"].teacher).items() if k[-1] == "lora_b")
+    assert moved(lora["state"]["params"]["generator"], lora["trainer"].teacher)
+    assert (tmp_path / "lora" / "export" / "lora.safetensors").is_file()
 
     for field, value, match in [("gan.backbone", "vae", "gan.backbone"), ("distill.renoise", "euler", "renoise"),
                                 ("gan.real_share", 0.5, "real_share"), ("dmd2.dfake_gen_update_ratio", 0, "ratio")]:
