@@ -32,7 +32,7 @@ from qwen_jax import checkpoints, data as data_lib
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.training import distributed, evaluation, export as export_lib
-from qwen_jax.distillation import dmd2, pcm
+from qwen_jax.distillation import dmd2, pcm, real_pool
 from qwen_jax.training import flow_matching
 from qwen_jax.training import state as state_lib
 from qwen_jax.training.checkpointing import Checkpoints
@@ -102,8 +102,10 @@ class BatchMaker:
     depend on how many processes share the batch, and a resumed run drops the same rows.
     """
 
-    def __init__(self, config, conditioner: Conditioner | None, loader: data_lib.Loader, mesh, negative: bool = False):
+    def __init__(self, config, conditioner: Conditioner | None, loader: data_lib.Loader, mesh, negative: bool = False,
+                 mixer=None):
         self.config, self.conditioner, self.mesh, self.negative = config, conditioner, mesh, negative
+        self.mixer = mixer  # swaps rows for teacher samples (distillation/real_pool.py), or None
         if conditioner is None:
             self.uncond = loader.source.uncond()
         else:
@@ -112,6 +114,8 @@ class BatchMaker:
         self.offset = loader.shard_index * loader.batch_size
 
     def __call__(self, raw: dict, step: int) -> dict:
+        if self.mixer is not None:
+            raw = self.mixer(raw, step, self.offset, self.config.data.batch_size)
         if "latents" in raw:  # from a cache
             latents, embeds, mask = raw["latents"], raw["prompt_embeds"], raw["prompt_mask"]
         else:
@@ -191,7 +195,7 @@ def train(config, workdir: str | Path, devices=None) -> dict:
                                                text_bucket=config.data.text_bucket)
                    if needs_encoders else None)
     make_batch = BatchMaker(config, None if config.data.cache else conditioner, loader, mesh,
-                            negative=objective.needs_negative)
+                            negative=objective.needs_negative, mixer=real_pool.mixer_from_config(config))
 
     # ---- Model, objective, train state -------------------------------------------------------
     lora = config.model.lora_rank > 0
@@ -289,7 +293,10 @@ class _QuietLibraries:
 
 
 def main(argv) -> None:
-    logging.get_absl_handler().addFilter(_QuietLibraries())
+    import logging as python_logging
+
+    for handler in {logging.get_absl_handler(), *python_logging.getLogger().handlers}:
+        handler.addFilter(_QuietLibraries())
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if _CONFIG.value is None or not _WORKDIR.value:

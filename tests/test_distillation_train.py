@@ -142,14 +142,17 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
     from qwen_jax.conversion.errors import ConversionError
 
     # the real config's shape: LoRA student and fake score on one frozen base (the teacher = base)
-    lora = train(load_config("dmd2", toy_base, total_steps=1, **{"model.lora_rank": 4}), tmp_path / "lora")
+    # ... with half of the GAN's real pool made of teacher samples
+    pool = _teacher_pool(tmp_path / "pool")
+    lora = train(load_config("dmd2", toy_base, total_steps=1, **{"model.lora_rank": 4, "gan.real_share": 0.5,
+                                                                  "gan.teacher_pool": str(pool)}), tmp_path / "lora")
     assert all(k[-1] in ("lora_a", "lora_b") for k in flat(lora["state"]["params"]["generator"]))
     assert not any(np.any(v) for k, v in flat(lora["trainer"].teacher).items() if k[-1] == "lora_b")
     assert moved(lora["state"]["params"]["generator"], lora["trainer"].teacher)
     assert (tmp_path / "lora" / "export" / "lora.safetensors").is_file()
 
     for field, value, match in [("gan.backbone", "vae", "gan.backbone"), ("distill.renoise", "euler", "renoise"),
-                                ("gan.real_share", 0.5, "real_share"), ("dmd2.dfake_gen_update_ratio", 0, "ratio")]:
+                                ("gan.real_share", 0.5, "teacher_pool"), ("dmd2.dfake_gen_update_ratio", 0, "ratio")]:
         with pytest.raises(ValueError, match=match):
             train(load_config("dmd2", toy_base, total_steps=1, **{field: value}), tmp_path / "bad")
     with pytest.raises(ValueError, match="student_init"):  # a merged export cannot seed LoRA adapters
@@ -157,3 +160,46 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
                                                                "model.lora_rank": 4}), tmp_path / "bad")
     with pytest.raises(ConversionError, match="student_init: .*not a qwen_jax transformer folder"):
         train(load_config("dmd2", toy_base, total_steps=1, **{"distill.student_init": str(tmp_path)}), tmp_path / "b")
+
+
+def _teacher_pool(folder: Path, n: int = 5, size: int = 32) -> Path:
+    """A sampler-style pool: PNGs + manifest.jsonl (file, prompt)."""
+    import json
+
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    with open(folder / "manifest.jsonl", "w") as f:
+        for i in range(n):
+            Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / f"{i}.png")
+            f.write(json.dumps({"file": f"{i}.png", "prompt": f"pool caption {i}", "seed": i}) + "\n")
+    return folder / "manifest.jsonl"
+
+
+def test_teacher_pool_mixing_is_global_deterministic_and_checked(tmp_path):
+    from qwen_jax.data.images import load_image
+    from qwen_jax.distillation.real_pool import TeacherPoolMixer
+
+    pool = _teacher_pool(tmp_path / "pool")
+    raw = {"images": np.zeros((8, 32, 32, 3), np.float32), "captions": [f"real {i}" for i in range(8)]}
+    mixer = TeacherPoolMixer(str(pool), real_share=0.5, seed=3)
+    whole = mixer(raw, step=11, offset=0, global_batch=8)
+    halves = [mixer({k: v[h * 4:(h + 1) * 4] for k, v in raw.items()}, step=11, offset=4 * h, global_batch=8)
+              for h in range(2)]  # two hosts' shares draw the same rows
+    assert whole["captions"] == halves[0]["captions"] + halves[1]["captions"]
+    swapped = whole["teacher_rows"]
+    assert 0 < swapped.sum() < 8
+    for row in range(8):
+        if swapped[row]:
+            index = int(whole["captions"][row].split()[-1])
+            np.testing.assert_array_equal(whole["images"][row], load_image(tmp_path / "pool" / f"{index}.png", (32, 32)))
+        else:
+            assert whole["captions"][row] == f"real {row}" and not whole["images"][row].any()
+    assert mixer(raw, 11, 0, 8)["captions"] == whole["captions"] and mixer(raw, 12, 0, 8)["captions"] != whole[
+        "captions"]
+    assert not TeacherPoolMixer(str(pool), 1.0, 3)(raw, 11, 0, 8)["teacher_rows"].any()
+    with pytest.raises(ValueError, match="training size"):
+        TeacherPoolMixer(str(_teacher_pool(tmp_path / "big", size=48)), 0.0, 3)(raw, 0, 0, 8)
+    with pytest.raises(ValueError, match="teacher_pool"):
+        TeacherPoolMixer("", 0.5, 3)

@@ -29,10 +29,10 @@ def distill_config(objective: str) -> ml_collections.ConfigDict:
             final_lr_fraction=0.0, grad_clip=10.0))
         # GAN: heads on the image tokens of blocks at these depth fractions of `backbone` ("fake":
         # the fake score, trained by the D loss too, as DMD2; "teacher": frozen, heads only).
-        # weight 0 disables it. `real_share`: fraction of the real pool that is real data (the rest
-        # is teacher samples, reserved: only 1.0 is implemented).
+        # weight 0 disables it. `real_share`: the expected fraction of real rows in the GAN's real
+        # pool; the others come from `teacher_pool`, teacher samples (`distillation/real_pool.py`).
         c.gan = ml_collections.ConfigDict(dict(
             gen_weight=5e-3, disc_weight=1e-2, backbone="fake", blocks=(0.5, 0.75, 1.0), kind="softplus",
-            real_share=1.0))
+            real_share=1.0, teacher_pool=""))
         c.optim.update(b1=0.0, grad_clip=10.0)
     return c

@@ -139,8 +139,6 @@ class Trainer:
     def __init__(self, config, graphdef, params: dict, frozen: dict, mesh):
         if config.gan.backbone not in BACKBONES:
             raise ValueError(f"config.gan.backbone={config.gan.backbone!r}: choose one of {BACKBONES}")
-        if config.gan.real_share != 1.0:
-            raise ValueError("config.gan.real_share != 1 (teacher samples in the real pool) is not implemented yet")
         losses.should_update_generator(0, config.dmd2.dfake_gen_update_ratio)  # validates the ratio
         if config.distill.renoise not in roles.RENOISE:
             raise ValueError(f"config.distill.renoise={config.distill.renoise!r}: choose one of {roles.RENOISE}")
