@@ -19,27 +19,15 @@ def get_config(arg: str | None = None):
     variant = arg or "qwen_image"
     if variant not in VARIANTS:
         raise ValueError(f"configs/dmd2.py: unknown variant {variant!r}; choose from {VARIANTS}")
-    c = distill_config("dmd2")
+    c = distill_config("dmd2", variant)
     if variant == "qwen_image":
         c.total_steps = 10000  # iterations: 2000 generator updates at ratio 5
-        c.model.update(lora_rank=64, lora_alpha=64.0)
         c.optim.update(lr=5e-5, b1=0.0, grad_clip=1.0, weight_decay=0.01)
         c.critic_optim.update(lr=2e-5, b1=0.0, grad_clip=1.0)
-        c.data.batch_size = 16
-        c.distill.guidance = 4.0
         c.dmd2.dm_shift = 3.0
-        c.eval.update(every=500, prompts=("A red fox in the snow, watercolor.", "A neon sign that says 'qwen_jax'."))
     else:
         c.total_steps = 2000
-        c.model.update(pretrained="runs/demo/teacher", dtype="float32", remat="none", encoder_dtype="float32")
-        c.data.update(toy=True, batch_size=32, num_threads=2, prefetch=4, text_bucket=16)
+        c.data.batch_size = 32
         c.optim.update(lr=1e-4, warmup_steps=0)
         c.critic_optim.update(lr=1e-4)
-        c.ema.decay = 0.99
-        c.distill.guidance = 2.0
-        c.checkpoint.update(every=250, keep=2)
-        c.log.update(every=25)
-        c.eval.update(every=500, width=32, height=32, prompts=(
-            "a red circle on a blue background", "a green square on a black background",
-            "a white triangle on a magenta background", "a cyan square on a yellow background"))
     return c

@@ -7,7 +7,14 @@ import ml_collections
 from qwen_jax.training.defaults import base_config
 
 
-def distill_config(objective: str) -> ml_collections.ConfigDict:
+QWEN_IMAGE_PROMPTS = ("A red fox in the snow, watercolor.", "A neon sign that says 'qwen_jax'.")
+TOY_PROMPTS = ("a red circle on a blue background", "a green square on a black background",
+               "a white triangle on a magenta background", "a cyan square on a yellow background")
+
+
+def distill_config(objective: str, variant: str = "qwen_image") -> ml_collections.ConfigDict:
+    """The fields every distillation config shares, for `variant` "qwen_image" (LoRA 64 on the
+    real model, teacher CFG 4) or "toy" (full weights from the committed toy teacher, CFG 2)."""
     c = base_config()
     c.objective = objective
     c.data.caption_dropout = 0.0  # the student is CFG-free: it always sees its caption
@@ -35,4 +42,19 @@ def distill_config(objective: str) -> ml_collections.ConfigDict:
             gen_weight=5e-3, disc_weight=1e-2, backbone="fake", blocks=(0.5, 0.75, 1.0), kind="softplus",
             real_share=1.0, teacher_pool=""))
         c.optim.update(b1=0.0, grad_clip=10.0)
+    if variant == "qwen_image":
+        c.model.update(lora_rank=64, lora_alpha=64.0)
+        c.data.batch_size = 16
+        c.distill.guidance = 4.0
+        c.eval.update(every=500, prompts=QWEN_IMAGE_PROMPTS)
+    elif variant == "toy":  # `make demo` assembles the committed teacher into runs/demo/teacher
+        c.model.update(pretrained="runs/demo/teacher", dtype="float32", remat="none", encoder_dtype="float32")
+        c.data.update(toy=True, num_threads=2, prefetch=4, text_bucket=16)
+        c.ema.decay = 0.99
+        c.distill.guidance = 2.0
+        c.checkpoint.update(every=250, keep=2)
+        c.log.update(every=25)
+        c.eval.update(every=500, width=32, height=32, prompts=TOY_PROMPTS)
+    else:
+        raise ValueError(f"unknown distillation variant {variant!r}")
     return c
