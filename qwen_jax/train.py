@@ -162,6 +162,7 @@ def train(config, workdir: str | Path, devices=None) -> dict:
     objective = OBJECTIVES.get(config.objective)
     if objective is None:
         raise ValueError(f"config.objective={config.objective!r}: choose one of {sorted(OBJECTIVES)}")
+    objective.check_config(config)  # fail before loading anything
 
     # ---- Devices and mesh -------------------------------------------------------------------
     distributed.initialize(config.distributed)

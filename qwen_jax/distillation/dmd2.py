@@ -136,12 +136,18 @@ class Trainer:
 
     needs_negative = True
 
-    def __init__(self, config, graphdef, params: dict, frozen: dict, mesh):
+    @staticmethod
+    def check_config(config) -> None:
+        """Config errors, before anything is loaded (`train.py` calls it first)."""
         if config.gan.backbone not in BACKBONES:
             raise ValueError(f"config.gan.backbone={config.gan.backbone!r}: choose one of {BACKBONES}")
         losses.should_update_generator(0, config.dmd2.dfake_gen_update_ratio)  # validates the ratio
-        if config.distill.renoise not in roles.RENOISE:
-            raise ValueError(f"config.distill.renoise={config.distill.renoise!r}: choose one of {roles.RENOISE}")
+        roles.check_config(config)
+        if config.gan.real_share < 1 and not config.gan.teacher_pool:
+            raise ValueError("config.gan.real_share < 1 needs config.gan.teacher_pool (images + captions)")
+
+    def __init__(self, config, graphdef, params: dict, frozen: dict, mesh):
+        self.check_config(config)
         self.config, self.graphdef, self.teacher = config, graphdef, params
         model_config = state_lib.merge_model(graphdef, params, frozen).config  # a view: nothing is copied
         self.blocks = heads_lib.blocks_at(config.gan.blocks, model_config.num_layers) if _gan_on(config) else ()

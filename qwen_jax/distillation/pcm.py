@@ -51,8 +51,10 @@ class Trainer:
     """The PCM objective for `train.py` (the interface of `training.flow_matching.Trainer`)."""
 
     needs_negative = True
+    check_config = staticmethod(roles.check_config)
 
     def __init__(self, config, graphdef, params: dict, frozen: dict, mesh):
+        self.check_config(config)
         self.config, self.graphdef = config, graphdef
         self.teacher = params  # the state is built by jit: new buffers, so donation never reaches these
         self.params = roles.initial_student(config, params, mesh)

@@ -90,6 +90,15 @@ def exit_step(key: jax.Array, num_steps: int) -> jax.Array:
     return jax.random.randint(key, (), 0, num_steps)
 
 
+def check_config(config) -> None:
+    """The distill.* errors that need nothing loaded."""
+    if config.distill.renoise not in RENOISE:
+        raise ValueError(f"config.distill.renoise={config.distill.renoise!r}: choose one of {RENOISE}")
+    if config.distill.student_init and config.model.lora_rank > 0:
+        raise ValueError("config.distill.student_init needs full-weight training (config.model.lora_rank=0): a "
+                         "merged export cannot seed LoRA adapters")
+
+
 def initial_student(config, teacher: dict, mesh) -> dict:
     """The student's trainable tree at step 0: the teacher's, or `distill.student_init`'s weights.
 
@@ -100,9 +109,7 @@ def initial_student(config, teacher: dict, mesh) -> dict:
     path = config.distill.student_init
     if not path:
         return teacher
-    if config.model.lora_rank > 0:
-        raise ValueError("config.distill.student_init needs full-weight training (config.model.lora_rank=0): a "
-                         "merged export cannot seed LoRA adapters")
+    check_config(config)
     from qwen_jax import checkpoints
     from qwen_jax.conversion.errors import ConversionError
     from qwen_jax.training.state import split_trainable

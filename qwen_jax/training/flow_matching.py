@@ -70,6 +70,10 @@ class Trainer:
 
     needs_negative = False  # whether batches must carry the unconditional prompt's states
 
+    @staticmethod
+    def check_config(config) -> None:
+        """Config errors found before anything is loaded (none beyond the shared ones here)."""
+
     def __init__(self, config, graphdef, params: dict, frozen: dict, mesh):
         self.config, self.graphdef, self.params = config, graphdef, params
         self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
