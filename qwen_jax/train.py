@@ -18,6 +18,7 @@ Workdir layout:
 from __future__ import annotations
 
 import json
+import logging as python_logging
 import signal
 import sys
 import time
@@ -290,12 +291,11 @@ class _QuietLibraries:
     """Keeps orbax's per-save INFO chatter out of the training log (warnings still show)."""
 
     def filter(self, record) -> bool:
-        return record.levelno >= logging.WARNING or "orbax" not in record.pathname
+        # Python's level numbers: absl.logging.WARNING is absl's verbosity (-1), not 30
+        return record.levelno >= python_logging.WARNING or "orbax" not in record.pathname
 
 
 def main(argv) -> None:
-    import logging as python_logging
-
     for handler in {logging.get_absl_handler(), *python_logging.getLogger().handlers}:
         handler.addFilter(_QuietLibraries())
     if len(argv) > 1:
