@@ -117,3 +117,21 @@ def test_demo_distills_the_student(tmp_path, capsys):
     from qwen_jax.pipeline import Pipeline
 
     Pipeline.from_pretrained(out / "student")  # a pipeline folder the sampler loads
+
+
+def test_demo_retrain_records_the_digest_of_the_encoder_it_trains_with(tmp_path, monkeypatch):
+    """--retrain on an --out whose base exists (an earlier run, here with another seed): the new
+    teacher's toy.json carries that base's encoder digest, not the committed teacher's."""
+    from qwen_jax.pipeline import load_text_encoder
+    from qwen_jax.toy import demo
+    from qwen_jax.toy.build import TEACHER, build_toy_pipeline, text_encoder_digest
+
+    digest = build_toy_pipeline(tmp_path / "base", seed=5)
+    assert digest == text_encoder_digest(load_text_encoder(tmp_path / "base" / "text_encoder"))
+    commands = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda cmd, check: commands.append(cmd))  # no training
+    model_dir = demo.retrain(tmp_path, steps=3)
+    meta = json.loads((model_dir / "toy.json").read_text())
+    assert meta["text_encoder_sha256"] == digest
+    assert digest != json.loads((TEACHER / "toy.json").read_text())["text_encoder_sha256"]
+    assert f"--config.model.pretrained={tmp_path / 'base'}" in commands[0] and "--config.total_steps=3" in commands[0]

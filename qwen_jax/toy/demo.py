@@ -26,31 +26,18 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-TEACHER = REPO / "models" / "toy" / "teacher"
-
-
-def assemble(model_dir: Path, out: Path) -> Path:
-    """A committed toy model folder (transformer/ + toy.json) -> a pipeline folder at `out`."""
-    from qwen_jax.toy.build import build_toy_pipeline
-
-    meta = json.loads((model_dir / "toy.json").read_text())
-    if out.exists():  # reuse a pipeline built from the same weights
-        built = json.loads((out / "toy.json").read_text()) if (out / "toy.json").exists() else {}
-        if built.get("source") == str(model_dir) and built.get("text_encoder_sha256") == meta["text_encoder_sha256"]:
-            return out
-        raise FileExistsError(f"{out} exists and was not built from {model_dir}; remove it or choose another --out")
-    build_toy_pipeline(out, transformer=str(model_dir / "transformer"), expect_digest=meta["text_encoder_sha256"])
-    (out / "toy.json").write_text(json.dumps({**meta, "source": str(model_dir)}, indent=2))
-    return out
 
 
 def retrain(out: Path, steps: int | None) -> Path:
     """Trains the teacher with the committed recipe; returns a model folder like models/toy/teacher."""
-    from qwen_jax.toy.build import build_toy_pipeline
+    from qwen_jax.pipeline import load_text_encoder
+    from qwen_jax.toy.build import build_toy_pipeline, text_encoder_digest
 
     base, workdir = out / "base", out / "teacher_run"
-    digest = build_toy_pipeline(base) if not base.exists() else json.loads(
-        (TEACHER / "toy.json").read_text())["text_encoder_sha256"]
+    # The digest recorded beside the new teacher is that of the encoder it is trained with: the one in
+    # `base`, whether built now or by an earlier run (which may have used another seed or jax version).
+    digest = (build_toy_pipeline(base) if not base.exists()
+              else text_encoder_digest(load_text_encoder(base / "text_encoder")))
     cmd = [sys.executable, "-m", "qwen_jax.train", f"--config={REPO / 'configs' / 'flow_matching.py'}:toy",
            f"--workdir={workdir}", f"--config.model.pretrained={base}"]
     if steps:
@@ -80,6 +67,7 @@ def main(argv=None) -> int:
     p.add_argument("--no-distill", action="store_true", help="only the teacher, at 50 and 2 steps")
     args = p.parse_args(argv)
 
+    from qwen_jax.toy.build import TEACHER
     from qwen_jax.toy.distill import distill
 
     start = time.perf_counter()

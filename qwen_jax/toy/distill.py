@@ -64,7 +64,7 @@ def distill(out: Path, *, pcm_steps: int, dmd2_steps: int, gan: bool = True, ext
     """PCM then DMD2 (either may be 0 steps) from the committed teacher (or `teacher_source`, a
     folder like models/toy/teacher), then the evaluation; returns {label: metrics}."""
     from qwen_jax.toy import all_prompts
-    from qwen_jax.toy.demo import TEACHER, assemble
+    from qwen_jax.toy.build import TEACHER, assemble
 
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
