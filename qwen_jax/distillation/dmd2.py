@@ -30,7 +30,7 @@ import optax
 from qwen_jax import flow
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.distillation import heads as heads_lib
-from qwen_jax.distillation import losses, roles
+from qwen_jax.distillation import losses, real_pool, roles
 from qwen_jax.models.latents import pack_latents
 from qwen_jax.training import optim
 from qwen_jax.training import state as state_lib
@@ -132,7 +132,7 @@ def critic_step(state, teacher, frozen, batch, *, graphdef, tx, schedule, config
 
 
 class Trainer:
-    """The DMD2 objective for `train.py` (the interface of `training.flow_matching.Trainer`)."""
+    """The DMD2 objective for `train.py` (the interface is in `training/objective.py`)."""
 
     needs_negative = True
 
@@ -143,8 +143,7 @@ class Trainer:
             raise ValueError(f"config.gan.backbone={config.gan.backbone!r}: choose one of {BACKBONES}")
         losses.should_update_generator(0, config.dmd2.dfake_gen_update_ratio)  # validates the ratio
         roles.check_config(config)
-        if config.gan.real_share < 1 and not config.gan.teacher_pool:
-            raise ValueError("config.gan.real_share < 1 needs config.gan.teacher_pool (images + captions)")
+        real_pool.check_mix(config.gan.real_share, config.gan.teacher_pool)
 
     def __init__(self, config, graphdef, params: dict, frozen: dict, mesh):
         self.check_config(config)

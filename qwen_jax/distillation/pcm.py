@@ -22,6 +22,7 @@ from qwen_jax.distillation import losses, roles
 from qwen_jax.models.latents import pack_latents
 from qwen_jax.training import optim
 from qwen_jax.training import state as state_lib
+from qwen_jax.training.objective import SingleOptimizer
 from qwen_jax.training.flow_matching import image_grid
 
 sg = jax.lax.stop_gradient
@@ -47,19 +48,17 @@ def pcm_step(state, teacher, frozen, batch, *, graphdef, tx, schedule, config, g
     return new_state, {"loss": loss, "lr": schedule(state["step"]), **metrics, **opt_metrics}
 
 
-class Trainer:
-    """The PCM objective for `train.py` (the interface of `training.flow_matching.Trainer`)."""
+class Trainer(SingleOptimizer):
+    """The PCM objective for `train.py` (the interface is in `training/objective.py`)."""
 
     needs_negative = True
     check_config = staticmethod(roles.check_config)
 
     def __init__(self, config, graphdef, params: dict, frozen: dict, mesh):
         self.check_config(config)
-        self.config, self.graphdef = config, graphdef
+        super().__init__(config, roles.initial_student(config, params, mesh), mesh)
+        self.graphdef = graphdef
         self.teacher = params  # the state is built by jit: new buffers, so donation never reaches these
-        self.params = roles.initial_student(config, params, mesh)
-        self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
-        self.shardings = state_lib.state_shardings(self.tx, self.params, mesh, ema=config.ema.decay > 0)
         grid = losses.pcm_grid(config.pcm.phases, config.pcm.points, config.pcm.shift)
         self._step = jax.jit(
             functools.partial(pcm_step, graphdef=graphdef, tx=self.tx, schedule=self.schedule, config=config,
@@ -67,17 +66,6 @@ class Trainer:
             in_shardings=(self.shardings, self.shardings["params"], state_lib.tree_shardings(frozen, mesh), None),
             out_shardings=(self.shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
 
-    def init_state(self) -> dict:
-        state = state_lib.create_train_state(self.tx, self.params, self.shardings)
-        self.params = None
-        return state
-
-    def abstract_state(self) -> dict:
-        return state_lib.abstract_train_state(self.tx, self.params, self.shardings)
-
     def step(self, state: dict, frozen: dict, batch: dict, step: int):
         del step
         return self._step(state, self.teacher, frozen, batch)
-
-    def student(self, state: dict, use_ema: bool) -> dict:
-        return state["ema"] if use_ema and "ema" in state else state["params"]

@@ -22,12 +22,17 @@ from qwen_jax import data as data_lib
 from qwen_jax.data.images import load_image
 
 
+def check_mix(real_share: float, pool: str) -> None:
+    """The one check of the mix settings: by DMD2's config check (before anything loads) and here."""
+    if not 0.0 <= real_share <= 1.0:
+        raise ValueError(f"config.gan.real_share={real_share} must be in [0, 1]")
+    if real_share < 1 and not pool:
+        raise ValueError("config.gan.real_share < 1 needs config.gan.teacher_pool (images + captions)")
+
+
 class TeacherPoolMixer:
     def __init__(self, pool: str, real_share: float, seed: int):
-        if not 0.0 <= real_share <= 1.0:
-            raise ValueError(f"config.gan.real_share={real_share} must be in [0, 1]")
-        if not pool:
-            raise ValueError("config.gan.real_share < 1 needs config.gan.teacher_pool (images + captions)")
+        check_mix(real_share, pool)
         self.source = data_lib.ImageCaptionSource(pool)
         self.real_share, self.seed = real_share, seed
 

@@ -20,6 +20,7 @@ from qwen_jax import sharding as sharding_lib
 from qwen_jax.models.latents import pack_latents
 from qwen_jax.training import optim
 from qwen_jax.training import state as state_lib
+from qwen_jax.training.objective import SingleOptimizer
 from qwen_jax.training.state import merge_model
 
 
@@ -60,40 +61,17 @@ def train_step(state: dict, frozen: dict, batch: dict, *, graphdef, tx, schedule
     return new_state, {"loss": loss, "lr": schedule(state["step"]), **metrics}
 
 
-class Trainer:
-    """The objective as the training loop sees it (`train.py`); every objective has this shape.
-
-    init_state() / abstract_state(): the train state (fresh, or the target a checkpoint restores
-    into); shardings: its NamedShardings; step(state, frozen, batch, step) -> (state, metrics);
-    student(state, use_ema): the trainable tree that samples, is evaluated and exported.
-    """
-
-    needs_negative = False  # whether batches must carry the unconditional prompt's states
-
-    @staticmethod
-    def check_config(config) -> None:
-        """Config errors found before anything is loaded (none beyond the shared ones here)."""
+class Trainer(SingleOptimizer):
+    """The flow-matching objective for `train.py` (the interface is in `training/objective.py`)."""
 
     def __init__(self, config, graphdef, params: dict, frozen: dict, mesh):
-        self.config, self.graphdef, self.params = config, graphdef, params
-        self.tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)
-        self.shardings = state_lib.state_shardings(self.tx, params, mesh, ema=config.ema.decay > 0)
+        super().__init__(config, params, mesh)
+        self.graphdef = graphdef
         self._step = jax.jit(
             functools.partial(train_step, graphdef=graphdef, tx=self.tx, schedule=self.schedule, config=config),
             in_shardings=(self.shardings, state_lib.tree_shardings(frozen, mesh), None),
             out_shardings=(self.shardings, sharding_lib.replicated(mesh)), donate_argnums=(0,))
 
-    def init_state(self) -> dict:
-        state = state_lib.create_train_state(self.tx, self.params, self.shardings)
-        self.params = None  # the state owns the weights now
-        return state
-
-    def abstract_state(self) -> dict:
-        return state_lib.abstract_train_state(self.tx, self.params, self.shardings)
-
     def step(self, state: dict, frozen: dict, batch: dict, step: int):
         del step
         return self._step(state, frozen, batch)
-
-    def student(self, state: dict, use_ema: bool) -> dict:
-        return state["ema"] if use_ema and "ema" in state else state["params"]
