@@ -1,14 +1,47 @@
 """One attention function for the whole model, dispatched by implementation name.
 
-Layout: q, k, v (B, S, H, Dh); `kv_mask` (B, S) bool, True = key may be attended (or None).
-Softmax always runs in fp32. To add a kernel (e.g. TPU splash attention), write a function with
-the signature of `_xla` and register it in `ATTENTION_FNS`.
+Layout: q (B, Sq, H, Dh); k, v (B, Skv, H, Dh); `kv_mask` (B, Skv) bool, True = key may be
+attended (or None). Sq == Skv for the joint sequence; sequence parallelism
+(`qwen_jax.models.sequence_parallel`) passes a device's queries against all keys. Every
+implementation computes non-causal softmax(q k^T / sqrt(Dh)) v with the softmax in fp32 and
+returns (B, Sq, H, Dh) in q's dtype. A sample whose keys are all masked is undefined (the model
+always has its image keys).
+
+Implementations (`TransformerConfig.attention`):
+
+  "xla"     Any backend, any dtype and head dim. One head at a time (lax.map), so only (B, Sq, Skv)
+            fp32 logits are live. Sharding is left to GSPMD.
+  "cudnn"   GPU only; bf16/fp16 activations (fp32 raises); head dim a multiple of 8, at most 128
+            (cuDNN's flash kernels). `jax.nn.dot_product_attention(implementation="cudnn")`:
+            padding becomes key lengths after moving each sample's valid keys first (key order is
+            irrelevant once RoPE is applied); both sequences are padded to a multiple of 64
+            (padded keys lie beyond the lengths, padded query rows are dropped). Sharding is left
+            to GSPMD (cuDNN's custom call partitions over batch and heads).
+  "splash"  TPU only (other backends raise); fp32 or bf16; head dim 128 (Qwen-Image's) is the
+            kernel's native tile, others are left to Mosaic's tiling rules. Pallas splash attention
+            (`jax.experimental.pallas.ops.tpu.splash_attention`) with a full (non-causal) mask:
+            padded text keys get kv segment id 0 and all queries id 1, so they are never
+            attended. Both sequences are padded to a multiple of 128, the kernel's blocks being
+            the largest of 512/256/128 that divides each (padded keys masked the same way,
+            padded query rows dropped). q is scaled by 1/sqrt(Dh) before the kernel, which does
+            not scale. A Pallas call cannot be split by GSPMD, so it runs per device under
+            `jax.shard_map` over the ambient mesh's free axes: batch over ("data", "fsdp") and
+            heads over "tensor" where they divide them, anything else (a "sequence" axis)
+            replicated; inside an enclosing shard_map (sequence parallelism) it maps over no axis,
+            only to switch off check_vma, which the kernel's untyped outputs fail. Without a
+            mesh the kernel is called directly. `_splash(..., interpret=True)` runs the same
+            kernel in Pallas interpret mode on any backend (tests).
+
+To add a kernel, write a function with the signature of `_xla` and register it in `ATTENTION_FNS`.
 """
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 
 def _xla(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None) -> jax.Array:
@@ -40,21 +73,26 @@ def _keys_valid_first(k, v, kv_mask):
     return jnp.take_along_axis(k, order, axis=1), jnp.take_along_axis(v, order, axis=1), lengths
 
 
+def _pad_sequence(t, multiple):
+    """Zero-pads axis 1 of a (B, S, ...) array up to a multiple of `multiple`."""
+    pad = -t.shape[1] % multiple
+    return jnp.pad(t, [(0, 0), (0, pad)] + [(0, 0)] * (t.ndim - 2)) if pad else t
+
+
 def _fused(q, k, v, kv_mask, implementation):
-    """jax.nn.dot_product_attention with padding given as key lengths, on an even-length sequence."""
-    n = q.shape[1]
+    """jax.nn.dot_product_attention with padding given as key lengths, on even-length sequences."""
+    batch, n_q, n_kv = q.shape[0], q.shape[1], k.shape[1]
     if kv_mask is None:
-        lengths = jnp.full((q.shape[0],), n, jnp.int32)
+        lengths = jnp.full((batch,), n_kv, jnp.int32)
     else:
         k, v, lengths = _keys_valid_first(k, v, kv_mask)
     # cuDNN's training kernels need even sequence lengths; pad to a multiple of 64 (padded keys
     # lie beyond `lengths`, padded query rows are dropped).
-    pad = -n % 64
-    q, k, v = (jnp.pad(t, ((0, 0), (0, pad), (0, 0), (0, 0))) for t in (q, k, v))
-    full = jnp.full(lengths.shape, n, jnp.int32)
+    q, k, v = _pad_sequence(q, 64), _pad_sequence(k, 64), _pad_sequence(v, 64)
     out = jax.nn.dot_product_attention(
-        q, k, v, query_seq_lengths=full, key_value_seq_lengths=lengths, implementation=implementation)
-    return out[:, :n]
+        q, k, v, query_seq_lengths=jnp.full((batch,), n_q, jnp.int32), key_value_seq_lengths=lengths,
+        implementation=implementation)
+    return out[:, :n_q]
 
 
 def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None) -> jax.Array:
@@ -64,17 +102,86 @@ def _cudnn(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None) 
     return _fused(q, k, v, kv_mask, "cudnn")
 
 
-def _splash(q, k, v, kv_mask):
-    # Plug-in point for TPU: Pallas splash attention (jax.experimental.pallas.ops.tpu.splash_attention),
-    # called under jax.shard_map over the batch/head mesh axes, with the text mask as SegmentIds.
-    raise NotImplementedError("attention='splash' (TPU) is not implemented yet; use 'xla'")
+# ---- splash (TPU) -------------------------------------------------------------------------------
+
+_SPLASH_PAD = 128  # the kernel's blocks must be multiples of the TPU lane width
+_SPLASH_BLOCKS = (512, 256, 128)  # the largest that divides the padded length is used
+
+
+def _splash_block(padded_len: int) -> int:
+    return next(b for b in _SPLASH_BLOCKS if padded_len % b == 0)
+
+
+def _splash_local(q, k, v, kv_valid, *, interpret):
+    """Splash attention on one device's shard: q (B, Sq, H, Dh), k, v (B, Skv, H, Dh), kv_valid (B, Skv)."""
+    # Imported here: Pallas TPU support is loaded only by models that choose splash.
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    batch, n_q, heads, head_dim = q.shape
+    n_kv = k.shape[1]
+    if kv_valid is None and n_kv % _SPLASH_PAD:
+        kv_valid = jnp.ones((batch, n_kv), bool)  # the padded keys need masking
+    # The kernel computes q k^T unscaled: apply 1/sqrt(Dh) here, in fp32, with one rounding.
+    q = (q.astype(jnp.float32) * head_dim ** -0.5).astype(q.dtype)
+    q, k, v = (_pad_sequence(t, _SPLASH_PAD).transpose(0, 2, 1, 3) for t in (q, k, v))  # (B, H, S, Dh)
+    len_q, len_kv = q.shape[2], k.shape[2]
+    block_q, block_kv = _splash_block(len_q), _splash_block(len_kv)
+    sizes = splash.BlockSizes(
+        block_q=block_q, block_kv=block_kv, block_kv_compute=block_kv,
+        block_q_dkv=block_q, block_kv_dkv=block_kv, block_kv_dkv_compute=block_kv, use_fused_bwd_kernel=True)
+    kernel = splash.make_splash_mha(
+        splash.MultiHeadMask([splash.FullMask((len_q, len_kv))] * heads), block_sizes=sizes,
+        head_shards=1, q_seq_shards=1, interpret=interpret)
+    if kv_valid is None:
+        out = jax.vmap(kernel)(q, k, v)
+    else:
+        # Only keys with the query's segment id are attended: real keys 1, padded keys 0. Every
+        # query (padded rows included, dropped below) is 1, so no softmax row is empty.
+        kv_ids = _pad_sequence(kv_valid, _SPLASH_PAD).astype(jnp.int32)
+        ids = splash.SegmentIds(q=jnp.ones((batch, len_q), jnp.int32), kv=kv_ids)
+        out = jax.vmap(kernel)(q, k, v, segment_ids=ids)
+    return out.transpose(0, 2, 1, 3)[:, :n_q]
+
+
+def _split(mesh, axes, size):
+    """The mesh axes among `axes` open to shard_map (present, not already manual) if they divide `size`."""
+    free = tuple(a for a in axes if a in mesh.shape and a not in mesh.manual_axes)
+    return free if free and size % math.prod(mesh.shape[a] for a in free) == 0 else None
+
+
+def _splash(q, k, v, kv_mask, *, interpret: bool = False):
+    backend = jax.default_backend()
+    if not interpret and backend != "tpu":
+        raise ValueError(f"attention='splash' is a TPU (Pallas Mosaic) kernel; this backend is {backend!r}: "
+                         f"use 'xla' (or 'cudnn' on GPU)")
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return _splash_local(q, k, v, kv_mask, interpret=interpret)
+    # A Pallas call cannot be split by GSPMD: map it over every axis not already manual, splitting
+    # batch and heads where the axes divide them (other axes see whole, replicated arrays).
+    free = frozenset(mesh.axis_names) - frozenset(mesh.manual_axes)
+    batch = _split(mesh, ("data", "fsdp"), q.shape[0])
+    heads = _split(mesh, ("tensor",), q.shape[2])
+    qkv_spec = PartitionSpec(batch, None, heads, None)
+    args, specs = (q, k, v), (qkv_spec,) * 3
+    if kv_mask is not None:
+        args, specs = args + (kv_mask,), specs + (PartitionSpec(batch, None),)
+
+    def local(q, k, v, kv_mask=None):
+        return _splash_local(q, k, v, kv_mask, interpret=interpret)
+
+    # check_vma=False: the kernel's pallas_call does not type how its outputs vary over manual
+    # axes, which a check_vma shard_map requires. Inside an enclosing shard_map (sequence
+    # parallelism) `free` is empty and this map only switches that check off.
+    return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=qkv_spec, axis_names=free,
+                         check_vma=False)(*args)
 
 
 ATTENTION_FNS = {"xla": _xla, "cudnn": _cudnn, "splash": _splash}
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, kv_mask: jax.Array | None, impl: str = "xla") -> jax.Array:
-    """Non-causal multi-head attention with scale 1/sqrt(Dh); returns (B, S, H, Dh) in q's dtype."""
+    """Non-causal multi-head attention with scale 1/sqrt(Dh); returns (B, Sq, H, Dh) in q's dtype."""
     try:
         fn = ATTENTION_FNS[impl]
     except KeyError:
