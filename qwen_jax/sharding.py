@@ -52,37 +52,47 @@ DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
 )
 
 
-# Activations (the image and text token streams between blocks): batch over every model replica.
-# Issue-level sequence sharding will map "activation_length" to a mesh axis here.
+# Activations (the image and text token streams between blocks): batch over every model replica;
+# image tokens over "sequence" (sequence parallelism, `qwen_jax.models.sequence_parallel`); the
+# short text stream is never split along its length.
 ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("activation_batch", ("data", "fsdp")),
-    ("activation_length", None),
+    ("activation_length", "sequence"),
+    ("activation_text_length", None),
+    ("activation_heads", "tensor"),
     ("activation_embed", None),
 )
-TOKENS = ("activation_batch", "activation_length", "activation_embed")  # (B, L, D) streams
+TOKENS = ("activation_batch", "activation_length", "activation_embed")  # (B, L_img, D) image stream
+TEXT_TOKENS = ("activation_batch", "activation_text_length", "activation_embed")  # (B, L_txt, D) text stream
 
 
 MESH_AXES = ("data", "fsdp", "tensor")
+SEQUENCE_AXIS = "sequence"  # optional: only in meshes made with sequence > 1
 BATCH_AXES = ("data", "fsdp")  # the batch is split over every replica of the model
 
 
-def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None) -> Mesh:
+def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, *, sequence: int = 1) -> Mesh:
     """A ("data", "fsdp", "tensor") mesh over `devices` (default: all); one size may be -1 (fill).
 
+    `sequence` != 1 adds a "sequence" axis (between "fsdp" and "tensor") that splits each image's
+    tokens across devices (`qwen_jax.models.sequence_parallel`). With the default 1 the axis is
+    left out: a mesh without it behaves as sequence size 1, and existing meshes keep their shape.
     Axes are Auto (GSPMD propagation; `with_sharding_constraint` works inside jit).
     """
     devices = list(jax.devices() if devices is None else devices)
-    sizes = [data, fsdp, tensor]
+    names = ("data", "fsdp", SEQUENCE_AXIS, "tensor") if sequence != 1 else MESH_AXES
+    sizes = [data, fsdp, sequence, tensor] if sequence != 1 else [data, fsdp, tensor]
+    asked = ", ".join(f"{n}={s}" for n, s in zip(names, sizes))
     if sizes.count(-1) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise ValueError(f"mesh sizes data={data}, fsdp={fsdp}, tensor={tensor}: use positive sizes and at most one -1")
+        raise ValueError(f"mesh sizes {asked}: use positive sizes and at most one -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if len(devices) % known:
-            raise ValueError(f"{len(devices)} devices cannot be split into data={data}, fsdp={fsdp}, tensor={tensor}")
+            raise ValueError(f"{len(devices)} devices cannot be split into {asked}")
         sizes[sizes.index(-1)] = len(devices) // known
     if math.prod(sizes) != len(devices):
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, found {len(devices)}")
-    return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+        raise ValueError(f"mesh {dict(zip(names, sizes))} needs {math.prod(sizes)} devices, found {len(devices)}")
+    return jax.make_mesh(tuple(sizes), names, axis_types=(AxisType.Auto,) * len(names), devices=devices)
 
 
 def batch_sharding(mesh: Mesh, ndim: int = 1) -> NamedSharding:
@@ -145,6 +155,29 @@ def place_state(state, mesh: Mesh, rules=DEFAULT_RULES):
     return state
 
 
+def activation_spec(
+    logical: Sequence[str | None], shape: Sequence[int], mesh, rules=ACTIVATION_RULES
+) -> PartitionSpec:
+    """The PartitionSpec of an activation by logical axes on `mesh` (a Mesh or AbstractMesh).
+
+    Mesh axes absent from the mesh are dropped; a dimension the remaining axes do not divide
+    stays unsplit.
+    """
+    table, spec = dict(rules), []
+    for name, size in zip(logical, shape):
+        axes = table.get(name) if name else None
+        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a in mesh.shape)
+        split = math.prod(mesh.shape[a] for a in axes)
+        spec.append(axes if axes and size % split == 0 else None)
+    return PartitionSpec(*spec)
+
+
+def activation_sharding(mesh: Mesh, logical: Sequence[str | None], shape: Sequence[int],
+                        rules=ACTIVATION_RULES) -> NamedSharding:
+    """Where an activation (or a sampler input such as the latents) lives on `mesh`."""
+    return NamedSharding(mesh, activation_spec(logical, shape, mesh, rules))
+
+
 def constrain(x: jax.Array, logical: Sequence[str | None], rules=ACTIVATION_RULES) -> jax.Array:
     """`with_sharding_constraint` by logical activation axes under the ambient mesh (`jax.set_mesh`).
 
@@ -154,13 +187,13 @@ def constrain(x: jax.Array, logical: Sequence[str | None], rules=ACTIVATION_RULE
     mesh = jax.sharding.get_abstract_mesh()
     if mesh.empty:
         return x
-    table, spec = dict(rules), []
-    for name, size in zip(logical, x.shape):
-        axes = table.get(name) if name else None
-        axes = tuple(a for a in ((axes,) if isinstance(axes, str) else (axes or ())) if a in mesh.shape)
-        split = math.prod(mesh.shape[a] for a in axes)
-        spec.append(axes if axes and size % split == 0 else None)
-    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+    return jax.lax.with_sharding_constraint(x, activation_spec(logical, x.shape, mesh, rules))
+
+
+def axis_size(name: str, mesh=None) -> int:
+    """The size of mesh axis `name` (1 if absent) on `mesh`, default the ambient (`jax.set_mesh`) one."""
+    mesh = jax.sharding.get_abstract_mesh() if mesh is None else mesh
+    return 1 if mesh.empty else dict(mesh.shape).get(name, 1)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
