@@ -19,10 +19,10 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from qwen_jax.models import rope
+from qwen_jax.models import rope, sequence_parallel
 from qwen_jax.models import lora as lora_lib
 from qwen_jax.pytree import fill_abstract, flatten_params, unflatten_params
-from qwen_jax.sharding import TOKENS, constrain
+from qwen_jax.sharding import TEXT_TOKENS, TOKENS, constrain
 from qwen_jax.models.attention import attention
 from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.layers import (
@@ -46,17 +46,35 @@ class JointAttention(nnx.Module):
         def heads(x):
             return x.reshape(*x.shape[:-1], self.heads, -1)
 
-        # QK-RMSNorm per head, then RoPE, then join the streams text-first.
-        q = jnp.concatenate([self.norm_added_q(heads(self.add_q_proj(txt))), self.norm_q(heads(self.to_q(img)))], 1)
-        k = jnp.concatenate([self.norm_added_k(heads(self.add_k_proj(txt))), self.norm_k(heads(self.to_k(img)))], 1)
-        v = jnp.concatenate([heads(self.add_v_proj(txt)), heads(self.to_v(img))], 1)
+        # QK-RMSNorm per head; (text, image) pairs.
+        q = self.norm_added_q(heads(self.add_q_proj(txt))), self.norm_q(heads(self.to_q(img)))
+        k = self.norm_added_k(heads(self.add_k_proj(txt))), self.norm_k(heads(self.to_k(img)))
+        v = heads(self.add_v_proj(txt)), heads(self.to_v(img))
+        if sequence_parallel.num_shards() > 1:
+            txt_out, img_out = self._split_sequence(q, k, v, cos, sin, kv_mask)
+        else:
+            txt_out, img_out = self._joint_sequence(q, k, v, cos, sin, kv_mask)
+        return self.to_out(img_out), self.to_add_out(txt_out)
+
+    def _joint_sequence(self, q, k, v, cos, sin, kv_mask):
+        """One device's view: join the streams text-first, RoPE, one attention over all tokens."""
+        n_txt = q[0].shape[1]
+        q, k, v = (jnp.concatenate(pair, 1) for pair in (q, k, v))
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
         q, k, v = (checkpoint_name(t, "qkv") for t in (q, k, v))
-
         out = attention(q, k, v, kv_mask, self.impl)
         out = checkpoint_name(out.reshape(*out.shape[:2], -1), "attn_out")
-        n_txt = txt.shape[1]
-        return self.to_out(out[:, n_txt:]), self.to_add_out(out[:, :n_txt])
+        return out[:, :n_txt], out[:, n_txt:]
+
+    def _split_sequence(self, q, k, v, cos, sin, kv_mask):
+        """Image tokens split over the "sequence" mesh axis (`sequence_parallel`)."""
+        n_txt = q[0].shape[1]
+        tables = (cos[:n_txt], sin[:n_txt]), (cos[n_txt:], sin[n_txt:])  # the joint tables, text first
+        # RoPE on the global arrays, per stream: each image shard keeps its own positions.
+        q, k = (tuple(rope.apply_rope(x, c, s) for x, (c, s) in zip(pair, tables)) for pair in (q, k))
+        q, k, v = (tuple(checkpoint_name(t, "qkv") for t in pair) for pair in (q, k, v))
+        outs = sequence_parallel.joint_attention(q, k, v, kv_mask, self.impl)
+        return tuple(checkpoint_name(o.reshape(*o.shape[:2], -1), "attn_out") for o in outs)
 
 
 class QwenImageTransformerBlock(nnx.Module):
@@ -154,7 +172,7 @@ class QwenImageTransformer(nnx.Module):
         def body(block, carry):
             img, txt, collected, index = carry
             img, txt = block(img, txt, temb, cos, sin, kv_mask)
-            img, txt = constrain(img, TOKENS), constrain(txt, TOKENS)
+            img, txt = constrain(img, TOKENS), constrain(txt, TEXT_TOKENS)
             if layers:
                 collected = jnp.where((wanted == index)[:, None, None, None], img[None], collected)
             return img, txt, collected, index + 1
