@@ -42,13 +42,21 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 STACKED_PREFIX = "transformer_blocks/"
 
 # FSDP over "fsdp" and tensor parallelism over "tensor"; the layer axis is never split.
-DEFAULT_RULES: tuple[tuple[str, str | None], ...] = (
+# A tuple lists candidates in order: the first mesh axis of size > 1 that is free and divides
+# the dimension. LoRA factors ("lora_*": the kernel's axis on a factor whose other axis is the
+# unsplit rank) fall back to "fsdp" when "tensor" is absent, or they would be replicated: rank 64
+# on Qwen-Image is 0.6 B parameters, 2.2 GB fp32 on every device for each copy of the adapters.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
     ("embed", "fsdp"),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("modulation", "tensor"),
     ("text_embed", "fsdp"),
+    ("lora_embed", ("fsdp",)),
+    ("lora_heads", ("tensor", "fsdp")),
+    ("lora_mlp", ("tensor", "fsdp")),
+    ("lora_modulation", ("tensor", "fsdp")),
 )
 
 
@@ -104,11 +112,13 @@ def logical_axes(path: str, ndim: int) -> tuple[str | None, ...]:
     """Logical axes of the parameter at "/"-joined `path` (stacked blocks get "layers" first).
 
     LoRA factors follow their kernel: `lora_a` (in, r) keeps the kernel's input axis, `lora_b`
-    (r, out) its output axis; the rank axis is never split.
+    (r, out) its output axis, as "lora_<axis>" (rules of their own); the rank axis is never split.
     """
     if path.endswith(("/lora_a", "/lora_b")):
         kernel = logical_axes(path.rsplit("/", 1)[0] + "/kernel", ndim)
-        return kernel[:-1] + (None,) if path.endswith("a") else kernel[:-2] + (None, kernel[-1])
+        if path.endswith("a"):
+            return kernel[:-2] + (f"lora_{kernel[-2]}", None)
+        return kernel[:-2] + (None, f"lora_{kernel[-1]}")
     for pattern, axes in PARAM_LOGICAL_AXES:
         if re.search(pattern, path):
             axes = (("layers",) + axes) if path.startswith(STACKED_PREFIX) else axes
@@ -124,12 +134,15 @@ def partition_spec(
     table = dict(rules)
     used, spec = set(), []
     for name, size in zip(axes, shape):
-        mesh_axis = table.get(name) if name else None
-        if mesh_axis is None or mesh_axis not in mesh.shape or mesh_axis in used or size % mesh.shape[mesh_axis]:
+        rule = table.get(name) if name else None
+        if isinstance(rule, tuple):  # candidates: the first that is present, > 1, free and divides
+            rule = next((a for a in rule if mesh.shape.get(a, 1) > 1 and a not in used
+                         and size % mesh.shape[a] == 0), None)
+        if rule is None or rule not in mesh.shape or rule in used or size % mesh.shape[rule]:
             spec.append(None)
         else:
-            used.add(mesh_axis)
-            spec.append(mesh_axis)
+            used.add(rule)
+            spec.append(rule)
     return PartitionSpec(*spec)
 
 

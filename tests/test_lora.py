@@ -120,3 +120,17 @@ def test_peft_export_names_shapes_and_scale(tmp_path):
     stored = SafetensorsFile(tmp_path / "lora.safetensors").tensors
     assert set(stored) == set(sd)
     np.testing.assert_array_equal(read_tensor(stored["transformer.transformer_blocks.1.attn.to_q.lora_A.weight"]), a)
+
+
+def test_adapters_follow_tensor_parallelism_and_fall_back_to_fsdp():
+    """Every LoRA factor is split: over "tensor" like its kernel where the mesh has it, else
+    over "fsdp" (replicated adapters would cost each device a full copy per adapter set)."""
+    shapes = {p: v.shape for p, v in flatten_params(nnx.state(QwenImageTransformer(CFG, rngs=nnx.Rngs(0)),
+                                                                    nnx.LoRAParam)).items()}
+    a, b = ("transformer_blocks", "img_mlp", "proj_out", "lora_a"), ("transformer_blocks", "img_mod", "lora_b")
+    fsdp_only = param_shardings(shapes, make_mesh(fsdp=8))
+    assert all("fsdp" in tuple(s.spec) for s in fsdp_only.values())
+    assert tuple(fsdp_only[a].spec) == (None, "fsdp", None) and tuple(fsdp_only[b].spec) == (None, None, "fsdp")
+    with_tensor = param_shardings(shapes, make_mesh(fsdp=2, tensor=4))
+    assert tuple(with_tensor[a].spec) == (None, "tensor", None) and tuple(with_tensor[b].spec) == (None, None, "tensor")
+    assert tuple(with_tensor[("transformer_blocks", "attn", "to_q", "lora_a")].spec) == (None, "fsdp", None)
