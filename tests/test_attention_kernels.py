@@ -2,6 +2,9 @@
 reaching the model. Splash runs in Pallas interpret mode (the kernel's own code, on CPU)."""
 
 import functools
+import json
+import sys
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +15,8 @@ from jax.sharding import AxisType, PartitionSpec
 
 from qwen_jax.models import QwenImageTransformer, TransformerConfig
 from qwen_jax.models.attention import ATTENTION_FNS, _fused, _splash, _xla, attention
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def naive(q, k, v, kv_mask):
@@ -167,3 +172,22 @@ def test_the_configured_kernel_reaches_the_model(monkeypatch):
     np.testing.assert_allclose(forward("splash"), want, rtol=1e-5, atol=1e-5)
     assert calls == [(2, 31, 2, 32)]  # traced once: the blocks are scanned
 
+
+
+def test_gpu_check_smoke_runs_on_cpu(capsys):
+    # bench/gpu_check.py's every section on tiny sizes (XLA attention only on a CPU).
+    sys.path.insert(0, str(ROOT / "bench"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "bench"))
+    gpu_check.main(["--smoke"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["errors"] == {} and result["skipped"] == []
+    assert result["device_kind"] and result["peak_bf16_tflop_per_s"] is None
+    assert result["sampling"]["128px"]["xla"]["s"] > 0 and result["sampling"]["128px"]["xla"]["mfu"] is None
+    assert 0.9 < result["flops_1_block"]["xla_lowered_over_analytic_as_counted"] < 1.2
+    assert result["grad"]["finite"]
+    assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu_check.peak_flops("NVIDIA L40S") == 362e12
+    assert gpu_check.peak_flops("NVIDIA L4") == 121e12 and gpu_check.peak_flops("Radeon") is None
