@@ -8,10 +8,15 @@ The teacher is the shipped schedule with true CFG (`num_steps=50, guidance=4`, a
 prompt); a few-step student is the same pipeline built with `SchedulerConfig.fixed_shift(3)`
 and run with `num_steps=2, guidance=1` (sigmas 1.0, 0.75). See `qwen_jax.sampling.sampler`
 for what triggers a compilation.
+
+With `mesh=` (e.g. `make_mesh(data=1, fsdp=1, sequence=8)`) the transformer's parameters live on
+the mesh and sampling runs under it: batch over "data"/"fsdp", each image's tokens over
+"sequence" (one large image on several chips). Text encoding and VAE decoding stay on one device.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -27,9 +32,11 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax import checkpoints, flow
+from qwen_jax import sharding as sharding_lib
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.conversion.pipeline import convert_pipeline, is_pipeline_folder
 from qwen_jax.models import codec as codec_lib
+from qwen_jax.models import sequence_parallel
 from qwen_jax.models import vae as vae_lib
 from qwen_jax.models.latents import denormalize_latents, pack_latents, unpack_latents
 from qwen_jax.models.text_encoder import QwenTextEncoder, TextEncoderConfig
@@ -58,10 +65,13 @@ class PipelineOutput:
 class Pipeline:
     """Qwen-Image text-to-image in JAX. Build with `from_pretrained`; call with prompts."""
 
-    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler: flow.SchedulerConfig):
+    def __init__(self, transformer, vae, text_encoder, tokenizer, scheduler: flow.SchedulerConfig,
+                 mesh: jax.sharding.Mesh | None = None):
         self.transformer, self.vae, self.text_encoder = transformer, vae, text_encoder
-        self.tokenizer, self.scheduler = tokenizer, scheduler
+        self.tokenizer, self.scheduler, self.mesh = tokenizer, scheduler, mesh
         self.graphdef, self.state = nnx.split(transformer)
+        if mesh is not None:  # a no-op for parameters already placed (from_pretrained loads them so)
+            self.state = sharding_lib.place_state(self.state, mesh)
         self.encode_text = prompt_lib.jit_encoder(text_encoder)
         self.vae_graphdef, self.vae_state = nnx.split(vae)
 
@@ -70,6 +80,7 @@ class Pipeline:
     def from_pretrained(
         cls, name_or_path: str | os.PathLike, *, dtype: str | None = None, attention: str = "xla",
         scheduler: flow.SchedulerConfig | None = None, cache_dir: str | os.PathLike | None = None,
+        mesh: jax.sharding.Mesh | None = None,
     ) -> "Pipeline":
         """Loads a converted qwen_jax folder; converts a diffusers folder or hub id first (once).
 
@@ -80,24 +91,31 @@ class Pipeline:
         dtype: parameter and compute dtype of all components (default: as stored).
         scheduler: overrides the folder's scheduler (e.g. `SchedulerConfig.fixed_shift(3)` for a
           few-step student).
+        mesh: sample on this device mesh (`qwen_jax.sharding.make_mesh`; `sequence=n` splits each
+          image over n devices); the transformer is loaded straight into its sharding there.
         """
         folder = resolve_folder(name_or_path, cache_dir)
         from transformers import AutoTokenizer
 
-        transformer = checkpoints.load_transformer(folder / "transformer", param_dtype=dtype, attention=attention)
+        transformer = checkpoints.load_transformer(folder / "transformer", param_dtype=dtype, attention=attention,
+                                                   mesh=mesh)
         vae = load_vae(folder / "vae", dtype)
         text_encoder = load_text_encoder(folder / "text_encoder", dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer")
         if scheduler is None:
             with open(folder / "scheduler" / "scheduler_config.json") as f:
                 scheduler = flow.SchedulerConfig.from_diffusers_config(json.load(f))
-        return cls(transformer, vae, text_encoder, tokenizer, scheduler)
+        return cls(transformer, vae, text_encoder, tokenizer, scheduler, mesh)
 
     # ---- the steps -----------------------------------------------------------------------------
     def encode_prompt(self, prompts: str | Sequence[str], max_sequence_length: int = 512):
         """(prompt states (B, T, D), mask (B, T)) as diffusers' `encode_prompt` computes them."""
         return prompt_lib.encode_prompts(prompts, self.tokenizer, self.encode_text,
                                          max_sequence_length=max_sequence_length)
+
+    def _on_mesh(self):
+        """The frame sampling runs in: the pipeline's mesh (activations follow its rules), if any."""
+        return contextlib.nullcontext() if self.mesh is None else jax.set_mesh(self.mesh)
 
     @property
     def pixels_per_token(self) -> int:
@@ -140,6 +158,8 @@ class Pipeline:
             raise ValueError(f"height and width must be multiples of {px}, got {height}x{width}")
         grid = (1, height // px, width // px)
         n_img = grid[1] * grid[2]
+        if self.mesh is not None:
+            sequence_parallel.check_divisible(n_img, sequence_parallel.num_shards(self.mesh))
         channels = self.transformer.config.in_channels
         if latents is None:
             seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
@@ -163,11 +183,17 @@ class Pipeline:
 
         sig = self.sigmas(num_steps, n_img, sigmas)
         dtype = self.transformer.config.jnp_dtype
-        out = sampler.sample(
-            self.graphdef, self.state, latents.astype(dtype), jnp.asarray(sig), jnp.asarray(flow.model_time(sig[:-1])),
-            text.astype(dtype), mask, None if neg_text is None else neg_text.astype(dtype), neg_mask,
-            jnp.float32(guidance), jax.random.key(int(np.sum(seed)) if latents is None else 0),
-            img_shapes=(grid,), stochastic=stochastic)
+        key = jax.random.key(int(np.sum(seed)) if latents is None else 0)
+        inputs = (latents.astype(dtype), text.astype(dtype), mask,
+                  None if neg_text is None else neg_text.astype(dtype), neg_mask)
+        with self._on_mesh():
+            x, text, mask, neg_text, neg_mask = (inputs if self.mesh is None
+                                                 else sampler.shard_inputs(self.mesh, *inputs))
+            out = sampler.sample(
+                self.graphdef, self.state, x, jnp.asarray(sig), jnp.asarray(flow.model_time(sig[:-1])),
+                text, mask, neg_text, neg_mask, jnp.float32(guidance), key, img_shapes=(grid,), stochastic=stochastic)
+        if self.mesh is not None:  # the VAE runs on one device (see the module docstring)
+            out = jax.device_put(out, sharding_lib.single_device())
         images = np.asarray(self.decode_latents(out, height, width))
         return PipelineOutput([to_pil(img) for img in images], images)
 

@@ -3,10 +3,17 @@
   python -m qwen_jax.sample --model DIR --prompt "a fox in the snow" --out samples/
   python -m qwen_jax.sample --model DIR --prompt-file prompts.txt --steps 2 --guidance 1 \\
       --fixed-shift 3 --num-images 4 --seed 7 --out samples/          # a 2-step student
+  python -m qwen_jax.sample --model DIR --prompt "..." --height 2048 --width 2048 \\
+      --sequence-shards 8 --out samples/      # one 2048x2048 image split over 8 devices
 
 Writes one PNG per image and `manifest.jsonl` (file, prompt, seed, steps, guidance, size,
 seconds per image). Prompts are processed in batches of --batch-size; each batch is one
 compiled sampling call (the first batch of a shape includes compilation).
+
+With --sequence-shards N, the transformer runs on all local devices as a mesh of
+data = devices / N and sequence = N: each image's tokens are split N ways, and a batch is split
+over the data axis (use a --batch-size it divides; otherwise every data replica runs the whole
+batch). The image token count, (height / 16) * (width / 16), must divide by N.
 """
 
 from __future__ import annotations
@@ -37,6 +44,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seed of the first image; image i uses seed + i")
     p.add_argument("--batch-size", type=int, default=1)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="parameter/compute dtype (default: stored)")
+    p.add_argument("--sequence-shards", type=int, default=1,
+                   help="split each image's tokens over this many devices (sequence parallelism)")
     p.add_argument("--out", required=True, help="output folder")
     return p.parse_args(argv)
 
@@ -53,18 +62,35 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
+def sequence_mesh(shards: int, num_image_tokens: int):
+    """None for 1 shard; else a (data = devices / shards, sequence = shards) mesh of the local devices."""
+    if shards == 1:
+        return None
+    import jax
+
+    from qwen_jax.models.sequence_parallel import check_divisible
+    from qwen_jax.sharding import make_mesh
+
+    check_divisible(num_image_tokens, shards)
+    return make_mesh(data=-1, fsdp=1, sequence=shards, devices=jax.local_devices())
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     prompts = read_prompts(args)
-    if args.steps < 1 or args.num_images < 1 or args.batch_size < 1:
-        raise SystemExit("error: --steps, --num-images and --batch-size must be >= 1")
+    if args.steps < 1 or args.num_images < 1 or args.batch_size < 1 or args.sequence_shards < 1:
+        raise SystemExit("error: --steps, --num-images, --batch-size and --sequence-shards must be >= 1")
     from qwen_jax import flow
     from qwen_jax.conversion.errors import ConversionError
-    from qwen_jax.pipeline import Pipeline
+    from qwen_jax.pipeline import PIXELS_PER_TOKEN, Pipeline
 
     scheduler = flow.SchedulerConfig.fixed_shift(args.fixed_shift) if args.fixed_shift else None
+    try:  # before loading: a mesh that cannot hold the image is reported at once
+        mesh = sequence_mesh(args.sequence_shards, (args.height // PIXELS_PER_TOKEN) * (args.width // PIXELS_PER_TOKEN))
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
     try:
-        pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, scheduler=scheduler)
+        pipe = Pipeline.from_pretrained(args.model, dtype=args.dtype, scheduler=scheduler, mesh=mesh)
     except ConversionError as e:
         raise SystemExit(f"error: {e}") from None
     out = Path(args.out)

@@ -14,6 +14,20 @@ pipeline pads text to multiples of `TEXT_BUCKET` tokens so that most prompts sha
 Layouts: latents (B, L_img, 4 * C) packed as the transformer takes them; text (B, L_txt, D_txt).
 CFG runs the conditional and negative branches as one batch of 2B (texts padded to a common
 length and masked, which leaves each branch's result unchanged).
+
+On several devices: call `sample` under `jax.set_mesh(mesh)`. The batch is split over the mesh's
+"data" and "fsdp" axes; with a "sequence" axis (`qwen_jax.sharding.make_mesh(..., sequence=n)`)
+each image's tokens are split n ways too (`qwen_jax.models.sequence_parallel`), so one 2048x2048
+image (16,384 tokens) runs on n chips. The image token count must divide by n. Place the
+inputs with `shard_inputs` (or, for `sample.lower` on abstract inputs, give each
+`jax.ShapeDtypeStruct` the sharding from `latents_sharding` / `text_sharding`):
+
+    mesh = make_mesh(data=1, fsdp=1, sequence=8)
+    with jax.set_mesh(mesh):
+        latents, text, mask, neg, neg_mask = shard_inputs(mesh, latents, text, mask, neg, neg_mask)
+        out = sample(graphdef, place_state(state, mesh), latents, ..., img_shapes=((1, 128, 128),))
+
+The ambient mesh is part of jit's cache key: the same call without a mesh compiles separately.
 """
 
 from __future__ import annotations
@@ -26,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax import flow
+from qwen_jax.sharding import TEXT_TOKENS, TOKENS, activation_sharding
 
 TEXT_BUCKET = 64
 
@@ -105,6 +120,23 @@ def sample(
         return flow.euler_step(x, v, sigma, sigma_next).astype(x.dtype)
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, latents)
+
+
+def latents_sharding(mesh, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+    """Latents (B, L_img, C): batch over ("data", "fsdp"), image tokens over "sequence" where they divide."""
+    return activation_sharding(mesh, TOKENS, shape)
+
+
+def text_sharding(mesh, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
+    """Text states (B, L_txt, D) or mask (B, L_txt): batch split, text whole along "sequence"."""
+    return activation_sharding(mesh, TEXT_TOKENS, shape)
+
+
+def shard_inputs(mesh, latents, text, text_mask, neg_text=None, neg_mask=None):
+    """`sample`'s per-image inputs moved onto `mesh` (None stays None), in the order given."""
+    put = lambda x, where: None if x is None else jax.device_put(x, where(mesh, x.shape))  # noqa: E731
+    return (put(latents, latents_sharding), put(text, text_sharding), put(text_mask, text_sharding),
+            put(neg_text, text_sharding), put(neg_mask, text_sharding))
 
 
 def initial_noise(seeds, latent_shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
