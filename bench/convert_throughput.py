@@ -7,8 +7,8 @@ then runs, interleaved, each in a fresh child Python process:
            read, stacked per parameter into qwen_jax's layout and written as an orbax checkpoint;
   raw      safetensors.safe_open(file, framework="np") and get_tensor for every tensor of every
            shard (each tensor read into a numpy array), nothing written.
-Each child times its own work (imports excluded) and reports its peak RSS (VmHWM) and the peak
-after its imports. MB/s = checkpoint bytes (MiB) / those seconds; ratio = convert / raw.
+Each child times its own work (imports excluded: wall, user and system CPU seconds) and reports
+its peak RSS (VmHWM; a safetensors mmap's touched pages count) and the peak after its imports. MB/s = checkpoint bytes (MiB) / those seconds; ratio = convert / raw.
 Two page-cache states: "warm" (the checkpoint already cached, as right after it was written or
 read) and "cold" (the checkpoint files evicted from the guest page cache with
 posix_fadvise(DONTNEED) before each run; the VM host may still cache the disk). The converter's
@@ -48,6 +48,17 @@ def _rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _cpu_s() -> tuple[float, float]:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime, r.ru_stime
+
+
+def _finish(start: float, cpu0: tuple[float, float], import_mb: float, **extra) -> dict:
+    seconds, (u1, s1) = time.perf_counter() - start, _cpu_s()
+    return {"seconds": seconds, "user_s": u1 - cpu0[0], "sys_s": s1 - cpu0[1], "import_rss_mb": import_mb,
+            "peak_rss_mb": _rss_mb(), **extra}
+
+
 def child_convert(src: str, dst: str) -> dict:
     import contextlib
     import importlib.util
@@ -55,29 +66,26 @@ def child_convert(src: str, dst: str) -> dict:
     spec = importlib.util.spec_from_file_location("convert_weights", REPO / "tools" / "convert_weights.py")
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)  # imports qwen_jax.conversion (and through it jax, orbax)
-    import_mb = _rss_mb()
-    start = time.perf_counter()
+    import_mb, cpu0, start = _rss_mb(), _cpu_s(), time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):  # the tool prints "wrote DST"; stdout carries our JSON
         rc = tool.main([src, dst, "--quiet"])
-    seconds = time.perf_counter() - start
     if rc != 0:
         raise SystemExit(f"convert_weights.py exited with {rc}")
-    return {"seconds": seconds, "import_rss_mb": import_mb, "peak_rss_mb": _rss_mb()}
+    return _finish(start, cpu0, import_mb)
 
 
 def child_raw(src: str) -> dict:
     from safetensors import safe_open
 
-    import_mb = _rss_mb()
-    start, nbytes, checksum = time.perf_counter(), 0, 0.0
+    import_mb, cpu0, start = _rss_mb(), _cpu_s(), time.perf_counter()
+    nbytes, checksum = 0, 0.0
     for path in sorted(Path(src).glob("*.safetensors")):
         with safe_open(path, framework="np") as f:
             for key in f.keys():
                 arr = f.get_tensor(key)
                 nbytes += arr.nbytes
                 checksum += float(arr.flat[0])  # touch it
-    seconds = time.perf_counter() - start
-    return {"seconds": seconds, "import_rss_mb": import_mb, "peak_rss_mb": _rss_mb(), "bytes": nbytes}
+    return _finish(start, cpu0, import_mb, bytes=nbytes)
 
 
 # ---- parent ---------------------------------------------------------------------------------------
@@ -197,6 +205,9 @@ def main():
         return {"s_median": round(statistics.median(secs), 2), "s_min": round(min(secs), 2),
                 "mib_per_s": round(mb / statistics.median(secs), 1), "mib_per_s_max": round(mb / min(secs), 1),
                 "process_s_median": round(statistics.median(r["process_s"] for r in rs), 2),
+                # CPU seconds of the child's work (user, system): what a loaded machine does not inflate
+                "user_s_median": round(statistics.median(r["user_s"] for r in rs), 2),
+                "sys_s_median": round(statistics.median(r["sys_s"] for r in rs), 2),
                 "peak_rss_mb": round(max(r["peak_rss_mb"] for r in rs)),
                 "import_rss_mb": round(statistics.median(r["import_rss_mb"] for r in rs))}
 

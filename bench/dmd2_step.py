@@ -3,9 +3,9 @@ QwenImageTransformer2DModel, CPU fp32, same weights, same random draws.
 
 One iteration = a generator turn + a critic turn (qwen_jax/distillation/dmd2.py with
 dfake_gen_update_ratio 1, so both turns run every iteration). Model: bench/train_step.py's
-(bench/forward.py's 4 blocks, 12 heads x 64, text dim 3584), full weights, remat none; batch 2 of
-64x64 latents (1024 image tokens) and 64 text tokens (the second prompt padded after 48), the
-negative prompt 8 valid tokens of 64. Config: configs/dmd2.py "qwen_image" made full-weight
+(bench/forward.py's 4 blocks, 12 heads x 64, text dim 3584), full weights, remat none; batch 1 of
+64x64 latents (1024 image tokens) and 64 text tokens (with --batch 2, train_step.py's batch, the
+second prompt is padded after 48; about twice the time), the negative prompt 8 valid tokens of 64. Config: configs/dmd2.py "qwen_image" made full-weight
 (lora_rank 0) with ratio 1 and the GAN off (gan.gen_weight = gan.disc_weight = 0: no heads on
 either side), no EMA; otherwise as configured: teacher CFG 4 with Qwen's norm rescale, 2-step
 student on [1, 0.75, 0] (ode transitions), DM sigmas shift-3 clipped to [0.02, 0.98], generator
@@ -27,9 +27,10 @@ Torch is given the draws our steps make at every iteration (exit step k, noise z
 noise, per turn: `dmd2._keys`), so both sides do the same work; the first iteration's losses,
 pre-clip gradient norms and parameter updates of both trained models are compared. Timed
 iterations are interleaved; medians, minima and speedup = torch / jax are reported. Prints one
-JSON line on stdout; progress goes to stderr. About 3 minutes at the defaults.
+JSON line on stdout; progress goes to stderr. About 3 minutes at the defaults on an idle 2-core
+machine (~5 CPU-minutes: two compiles, parity conversions, 4 iterations per side).
 
-Run: .venv/bin/python bench/dmd2_step.py [--repeats 3] [--warmup 1] [--batch 2] [--quick]
+Run: .venv/bin/python bench/dmd2_step.py [--repeats 3] [--warmup 1] [--batch 1] [--quick]
 """
 
 import argparse
@@ -203,7 +204,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per framework (interleaved)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed iterations, the first (parity, compile) included")
-    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=1, help="2 = train_step.py's batch (twice the time)")
     parser.add_argument("--quick", action="store_true", help="a small model and batch, for a smoke run")
     args = parser.parse_args()
     if args.warmup < 1 or args.repeats < 1:
