@@ -291,10 +291,12 @@ def main():
         "exit_steps": [plan[0]["generator"]["k"], plan[0]["critic"]["k"]],
         "generator_loss_jax": float(gen_j["generator_loss"]), "generator_loss_torch": gen_t["loss"],
         "generator_loss_rel_diff": rel_diff(float(gen_j["generator_loss"]), gen_t["loss"]),
+        "generator_grad_norm_jax": float(gen_j["generator_grad_norm"]), "generator_grad_norm_torch": gen_t["grad_norm"],
         "generator_grad_norm_rel_diff": rel_diff(float(gen_j["generator_grad_norm"]), gen_t["grad_norm"]),
         "generator_update_rel_err": float(f"{update_rel_err(old_flat, new_jax['generator'], new_torch['generator']):.3g}"),
         "critic_loss_jax": float(critic_j["loss"]), "critic_loss_torch": critic_t["loss"],
         "critic_loss_rel_diff": rel_diff(float(critic_j["loss"]), critic_t["loss"]),
+        "critic_grad_norm_jax": float(critic_j["critic_grad_norm"]), "critic_grad_norm_torch": critic_t["grad_norm"],
         "critic_grad_norm_rel_diff": rel_diff(float(critic_j["critic_grad_norm"]), critic_t["grad_norm"]),
         "fake_update_rel_err": float(f"{update_rel_err(old_flat, new_jax['fake'], new_torch['fake']):.3g}"),
     }
