@@ -8,19 +8,29 @@ Variants:
               Warm-start from PCM with --config.distill.student_init=... (full-weight students).
   toy         the toy world: full weights from the committed toy teacher (`make demo` assembles
               it into runs/demo/teacher), CFG 2; add --config.distill.student_init=PCM_EXPORT/transformer.
+
+Mesh presets (`python -m qwen_jax.plan --config=configs/dmd2.py:<preset> --devices N` compiles
+them for N simulated devices; docs/scaling.md has the numbers):
+  lora_h100x8   qwen_image on 8 x H100 80 GB: FSDP 8, batch 16 at 1328^2.
+  full_v5e64    full-weight student and fake score on 64 x TPU v5e 16 GB: FSDP 64, bf16 storage
+                (the frozen teacher, both trees and Adam's moments), no EMA, batch 64 at 1024^2.
+  full_v5p32    full-weight student and fake score on 32 x TPU v5p 95 GB: FSDP 32, fp32
+                storage, EMA, batch 32 at 1328^2.
+  sample_2k     the 2-step student sampling four 2048^2 images on 8 x H100: bf16 weights in
+                FSDP 4, each image's 16,384 tokens split over 2 devices ("sequence").
 """
 
 from qwen_jax.distillation.defaults import distill_config
 
-VARIANTS = ("qwen_image", "toy")
+VARIANTS = ("qwen_image", "toy", "lora_h100x8", "full_v5e64", "full_v5p32", "sample_2k")
 
 
 def get_config(arg: str | None = None):
     variant = arg or "qwen_image"
     if variant not in VARIANTS:
         raise ValueError(f"configs/dmd2.py: unknown variant {variant!r}; choose from {VARIANTS}")
-    c = distill_config("dmd2", variant)
-    if variant == "qwen_image":
+    c = distill_config("dmd2", "toy" if variant == "toy" else "qwen_image")
+    if variant != "toy":
         c.total_steps = 10000  # iterations: 2000 generator updates at ratio 5
         c.optim.update(lr=5e-5, b1=0.0, grad_clip=1.0, weight_decay=0.01)
         c.critic_optim.update(lr=2e-5, b1=0.0, grad_clip=1.0)
@@ -30,4 +40,24 @@ def get_config(arg: str | None = None):
         c.data.batch_size = 32
         c.optim.update(lr=1e-4, warmup_steps=0)
         c.critic_optim.update(lr=1e-4)
+    if variant == "lora_h100x8":
+        c.mesh.update(data=1, fsdp=8, tensor=1)
+        c.plan.hbm_gib = 80.0
+    elif variant in ("full_v5e64", "full_v5p32"):
+        c.model.update(lora_rank=0, lora_alpha=0.0)
+        devices = 64 if variant == "full_v5e64" else 32
+        c.mesh.update(data=1, fsdp=devices, tensor=1)
+        c.data.batch_size = devices
+        if variant == "full_v5e64":
+            c.model.param_dtype = "bfloat16"
+            c.data.resolution = 1024
+            c.ema.decay = 0.0
+            c.plan.hbm_gib = 16.0
+        else:
+            c.ema.decay = 0.999
+            c.plan.hbm_gib = 95.0
+    elif variant == "sample_2k":
+        c.model.update(lora_rank=0, lora_alpha=0.0, param_dtype="bfloat16")
+        c.mesh.update(data=1, fsdp=-1, tensor=1)
+        c.plan.update(jobs=("sample",), sequence=2, hbm_gib=80.0)
     return c

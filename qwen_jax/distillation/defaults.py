@@ -42,6 +42,13 @@ def distill_config(objective: str, variant: str = "qwen_image") -> ml_collection
             gen_weight=5e-3, disc_weight=1e-2, backbone="fake", blocks=(0.5, 0.75, 1.0), kind="softplus",
             real_share=1.0, teacher_pool=""))
         c.optim.update(b1=0.0, grad_clip=10.0)
+    # `python -m qwen_jax.plan`: the jobs it compiles, the device memory they must fit (GiB, 0:
+    # unknown), the sampling job's size (2-step student, no CFG) and its "sequence" mesh axis
+    # (image tokens split over that many devices; the mesh's fsdp -1 fills the rest). `layers` > 0
+    # compiles the first blocks only (quick checks; the numbers are then not the real model's).
+    c.plan = ml_collections.ConfigDict(dict(
+        jobs=("generator", "critic") if objective == "dmd2" else (), hbm_gib=0.0, sample_batch=4,
+        sample_resolution=2048, sequence=1, layers=0))
     if variant == "qwen_image":
         c.model.update(lora_rank=64, lora_alpha=64.0)
         c.data.batch_size = 16

@@ -172,7 +172,8 @@ class Trainer:
     def _state_shardings(self, mesh) -> dict:
         repl = sharding_lib.replicated(mesh)
         model_sh = state_lib.tree_shardings(self.teacher, mesh)
-        param_sh = {"generator": model_sh, "fake": model_sh, "heads": jax.tree.map(lambda _: repl, self.params["heads"])}
+        param_sh = {"generator": model_sh, "fake": model_sh,
+                    "heads": heads_lib.head_shardings(self.params["heads"], mesh)}
         critic = {"fake": self.params["fake"], "heads": self.params["heads"]}
         critic_sh = {"fake": model_sh, "heads": param_sh["heads"]}
         out = {"step": repl, "params": param_sh, "opt_state": {
@@ -198,6 +199,11 @@ class Trainer:
     def abstract_state(self) -> dict:
         shapes = jax.eval_shape(self._init, self.params)
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, self.shardings)
+
+    def jitted_steps(self) -> dict:
+        """{"generator", "critic"}: the two jitted steps, each (state, teacher, frozen, batch) ->
+        (state, metrics); `qwen_jax.plan` lowers them with abstract arguments."""
+        return {"generator": self._gen, "critic": self._critic}
 
     def step(self, state: dict, frozen: dict, batch: dict, step: int):
         if losses.should_update_generator(step, self.config.dmd2.dfake_gen_update_ratio):
