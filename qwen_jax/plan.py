@@ -80,7 +80,7 @@ class Workload:
     image_tokens: int
     text_tokens: int
     forwards: int       # transformer forwards without gradient (held one at a time)
-    backward: bool      # one forward + backward through the scanned blocks
+    grad_passes: int    # forwards differentiated through the scanned blocks (their carries coexist)
     key_tokens: int = 0  # tokens attended to, when not the same (sequence parallelism: all of them)
 
 
@@ -92,19 +92,18 @@ def activation_bytes(cfg, w: Workload) -> int:
     A block's working set: the streams, q/k/v and attention output (4 D), the MLP hidden (4 D) and
     its activation, the modulated inputs (2 D): ~12 D per token in the compute dtype, plus one
     head's fp32 attention logits and probabilities (B x L^2 x 2 x 4 bytes; `attention.py` runs the
-    heads one at a time). A forward without gradient holds only the working set. The backward
-    doubles the working set (cotangents of the same shapes).
+    heads one at a time). A forward without gradient holds only the working set. Each pass that is
+    differentiated keeps its own carries until the backward; the backward doubles the working set
+    (cotangents of the same shapes). Gradients of the trainable tree are counted by the caller.
     """
     item = np.dtype(cfg.dtype).itemsize
     tokens = w.image_tokens + w.text_tokens
     d = cfg.inner_dim
     working = w.batch * tokens * d * 12 * item + w.batch * tokens * (w.key_tokens or tokens) * 2 * 4
-    if not w.backward:
+    if not w.grad_passes:
         return working
-    carries = cfg.num_layers * w.batch * tokens * d * item if cfg.remat != "none" else 0
-    if cfg.remat == "none":  # everything is kept for the backward
-        carries = cfg.num_layers * working
-    return carries + 2 * working
+    per_pass = cfg.num_layers * (w.batch * tokens * d * item if cfg.remat != "none" else working)
+    return w.grad_passes * per_pass + 2 * working
 
 
 def transformer_flops(cfg, w: Workload) -> float:
@@ -236,18 +235,27 @@ def plan_dmd2(config, mesh, text_tokens: int, jobs) -> list[dict]:
     n_img = (config.data.resolution // 16) ** 2
     rows = []
     steps = trainer.jitted_steps()
+    gan = {"generator": config.gan.gen_weight > 0, "critic": config.gan.disc_weight > 0}
+    trainable = {"generator": state["params"]["generator"],
+                 "critic": {"fake": state["params"]["fake"], "heads": state["params"]["heads"]}}
     for name in ("generator", "critic"):
         if name not in jobs:
             continue
-        # generator: student sample (2 forwards, one with grad), teacher CFG (2) + fake (1) without grad;
-        # critic: student sample (2 without grad), fake score with grad, GAN heads (2 more with grad).
-        work = Workload(local, n_img, text_tokens, forwards=5 if name == "generator" else 2, backward=True)
+        # generator: the student's last step and (GAN) the backbone on its sample are differentiated;
+        #   the earlier student step, the teacher's CFG pair and the fake score run without gradient.
+        # critic: the fake score's flow-matching pass and (GAN, fake backbone) its real and fake
+        #   passes are differentiated; the student's sample runs without gradient.
+        if name == "generator":
+            passes, forwards = 1 + gan[name], 4
+        else:
+            passes, forwards = 1 + (2 if gan[name] and config.gan.backbone == "fake" else 0), 2
+        work = Workload(local, n_img, text_tokens, forwards=forwards, grad_passes=passes)
         fwd = transformer_flops(cfg, dataclasses.replace(work, batch=config.data.batch_size))
-        grad_passes = 1 + (2 if name == "critic" and config.gan.disc_weight > 0 else 0)
-        flops = fwd * (work.forwards + grad_passes * (4 if cfg.remat != "none" else 3))
+        flops = fwd * (forwards + passes * (4 if cfg.remat != "none" else 3))
+        grads = _sizeof(trainable[name]) // mesh.size  # the gradient tree, split like its parameters
         with jax.set_mesh(mesh):  # as train.py runs the steps: activations follow the mesh's rules
             rows.append(compile_job(name, steps[name], (state, trainer.teacher, frozen, batch),
-                                    activation_bytes(cfg, work), config.plan.hbm_gib, flops, mesh.size,
+                                    activation_bytes(cfg, work) + grads, config.plan.hbm_gib, flops, mesh.size,
                                     cfg.num_layers))
     return rows
 
@@ -279,9 +287,9 @@ def plan_sample(config, mesh, text_tokens: int) -> dict:
     replicas = mesh.shape["data"] * mesh.shape["fsdp"]
     shards = dict(mesh.shape).get("sequence", 1)
     # each device holds its share of the image tokens, but its queries attend to all keys
-    work = Workload(max(1, b // replicas), tokens // shards, text_tokens, forwards=1, backward=False,
+    work = Workload(max(1, b // replicas), tokens // shards, text_tokens, forwards=1, grad_passes=0,
                     key_tokens=tokens + text_tokens)
-    flops = steps * transformer_flops(cfg, Workload(b, tokens, text_tokens, 1, False))
+    flops = steps * transformer_flops(cfg, Workload(b, tokens, text_tokens, 1, 0))
     act = activation_bytes(cfg, work)
     with jax.set_mesh(mesh):
         return compile_job("sample", fn, (model_state, latents, sigmas, times, text, mask), act,
