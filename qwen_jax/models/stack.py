@@ -8,7 +8,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 from flax import nnx
 
 from qwen_jax.models.remat import apply_remat
@@ -29,21 +28,4 @@ def scan_layers(layers: nnx.Module, body: Callable, carry, remat: str = "none"):
         return body(nnx.merge(graphdef, layer_params), carry), None
 
     carry, _ = jax.lax.scan(apply_remat(step, remat), carry, params)
-    return carry
-
-
-def scan_layer_range(layers: nnx.Module, body: Callable, carry, start: int, stop: int, remat: str = "none"):
-    """Like `scan_layers` over layers [start, stop) only, without slicing (copying) the stacks.
-
-    Each step indexes layer i out of the stacked parameters, which the loop closes over, so a
-    caller can stop between layers (e.g. to read hidden states) without those states riding in
-    the carry: a remat'd scan stores its carry once per layer for the backward.
-    """
-    graphdef, params = nnx.split(layers)
-
-    def step(carry, i):
-        layer_params = jax.tree.map(lambda p: jax.lax.dynamic_index_in_dim(p, i, keepdims=False), params)
-        return body(nnx.merge(graphdef, layer_params), carry), None
-
-    carry, _ = jax.lax.scan(apply_remat(step, remat), carry, jnp.arange(start, stop, dtype=jnp.int32))
     return carry

@@ -28,7 +28,7 @@ from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.layers import (
     AdaLayerNormContinuous, FeedForward, RMSNorm, TimestepProjEmbeddings, layer_norm, linear, modulate, silu,
 )
-from qwen_jax.models.stack import scan_layer_range, scan_layers, stacked
+from qwen_jax.models.stack import scan_layers, stacked
 
 
 class JointAttention(nnx.Module):
@@ -159,33 +159,27 @@ class QwenImageTransformer(nnx.Module):
         img, txt, collected = self._run_blocks(img, txt, temb, cos, sin, kv_mask, layers)
         out = self.proj_out(self.norm_out(img, temb))
         if return_hidden_states_at:
-            return out, collected
+            return out, tuple(collected[k] for k in range(len(layers)))
         return out
 
     def _run_blocks(self, img, txt, temb, cos, sin, kv_mask, layers):
-        """Scans the stacked blocks; also returns the image states after the blocks in `layers`.
-
-        With `layers`, the stack runs in segments that end at each wanted block (`scan_layer_range`):
-        the states are read between segments, so they never ride in the scan's carry, which a
-        remat'd backward would store once per layer (K extra image streams per layer).
-        """
+        """Scans the stacked blocks; also keeps the image states after the blocks in `layers`."""
+        wanted = jnp.asarray(layers, jnp.int32)
+        # A (K, B, L_img, D) buffer selected into as the scan passes each wanted block: no copy
+        # of the stacked parameters, no per-layer output stack.
+        collected = jnp.zeros((len(layers),) + img.shape, img.dtype)
 
         def body(block, carry):
-            img, txt = block(carry[0], carry[1], temb, cos, sin, kv_mask)
-            return constrain(img, TOKENS), constrain(txt, TEXT_TOKENS)
+            img, txt, collected, index = carry
+            img, txt = block(img, txt, temb, cos, sin, kv_mask)
+            img, txt = constrain(img, TOKENS), constrain(txt, TEXT_TOKENS)
+            if layers:
+                collected = jnp.where((wanted == index)[:, None, None, None], img[None], collected)
+            return img, txt, collected, index + 1
 
-        remat, n = self.config.remat, self.config.num_layers
-        if not layers:
-            img, txt = scan_layers(self.transformer_blocks, body, (img, txt), remat)
-            return img, txt, ()
-        states, start = {}, 0
-        for stop in sorted(set(layers)):
-            img, txt = scan_layer_range(self.transformer_blocks, body, (img, txt), start, stop + 1, remat)
-            states[stop], start = img, stop + 1
-        if start < n:
-            img, txt = scan_layer_range(self.transformer_blocks, body, (img, txt), start, n, remat)
-        return img, txt, tuple(states[i] for i in layers)
-
+        img, txt, collected, _ = scan_layers(self.transformer_blocks, body, (img, txt, collected, jnp.int32(0)),
+                                             self.config.remat)
+        return img, txt, collected
 
 def abstract_model(cfg: TransformerConfig) -> QwenImageTransformer:
     """The model with `jax.ShapeDtypeStruct` leaves: shapes and dtypes, no memory."""
