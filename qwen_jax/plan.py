@@ -131,13 +131,14 @@ _UPCAST = re.compile(r"ROOT %convert[\w.]* = f32\[(\d+(?:,\d+)*)\]\{[^}]*\} conv
 
 
 def cpu_upcast_bytes(compiled, num_layers: int) -> int:
-    """Bytes of the fp32 copies XLA:CPU makes of stacked (layer-first) weights before the layer loop.
+    """Bytes of the fp32 copies XLA:CPU makes of stacked (layer-first) weights before layer loops.
 
     The CPU backend has no native bf16 matmul: it converts bf16 dot operands to fp32, and for the
     scanned weights it converts whole stacks at once. GPU and TPU compilers multiply bf16
-    natively, so these buffers are an artifact of planning on a CPU; the plan reports them
-    apart. Counted from the optimised HLO: fused computations whose root converts a stack of
-    `num_layers` layers to f32 (each such computation materialises one stack).
+    natively, so these buffers are an artifact of planning on a CPU. Counted from the optimised
+    HLO: fused computations whose root converts a stack of `num_layers` layers to f32. Forward
+    and backward loops convert separately and are not all live at the peak, so this bounds the
+    artifact's share of the peak from above; the plan reports it and does not subtract it.
     """
     total = 0
     for match in _UPCAST.finditer(compiled.as_text()):
@@ -169,14 +170,13 @@ def compile_job(name: str, fn, args: tuple, floor_activations: int, hbm_gib: flo
            "floor_gib": round(floor / GIB, 3), "floor_arguments_gib": round(args_total / devices / GIB, 3),
            "floor_activations_gib": round(floor_activations / GIB, 3)}
     if mem:
-        upcast = cpu_upcast_bytes(compiled, num_layers)
-        accelerator_peak = mem["peak"] - upcast  # what a GPU/TPU compile would not hold
-        row["cpu_upcast_gib"] = round(upcast / GIB, 3)
-        row["accelerator_peak_gib"] = round(accelerator_peak / GIB, 3)
-        row["ratio_to_floor"] = round(accelerator_peak / floor, 3)
+        # Judged on the CPU compile's peak: an upper bound, since XLA:CPU also holds fp32 copies
+        # of weight stacks (reported apart, but not subtracted: not all of them are live at once).
+        row["cpu_upcast_gib"] = round(cpu_upcast_bytes(compiled, num_layers) / GIB, 3)
+        row["ratio_to_floor"] = round(mem["peak"] / floor, 3)
         if hbm_gib:
             row["hbm_gib"] = hbm_gib
-            row["margin"] = round(1 - accelerator_peak / (hbm_gib * GIB), 3)
+            row["margin"] = round(1 - mem["peak"] / (hbm_gib * GIB), 3)
     flops = _flops(compiled)
     row["flops_xla"] = flops
     row["flops_analytic_per_device"] = analytic_flops / devices
@@ -297,19 +297,19 @@ def plan_sample(config, mesh, text_tokens: int) -> dict:
 
 
 def format_rows(rows: list[dict]) -> str:
-    head = (f"{'job':<10}{'compile s':>10}{'args':>9}{'temps':>9}{'peak':>9}{'upcast':>8}{'acc.peak':>9}"
+    head = (f"{'job':<10}{'compile s':>10}{'args':>9}{'temps':>9}{'peak':>9}{'upcast':>8}"
             f"{'floor':>9}{'ratio':>7}{'HBM':>7}{'margin':>8}{'TFLOP':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         c = r["compiled_gib"]
         lines.append(f"{r['job']:<10}{r['compile_s']:>10.1f}{c.get('arguments', 0):>9.2f}{c.get('temporaries', 0):>9.2f}"
-                     f"{c.get('peak', 0):>9.2f}{r.get('cpu_upcast_gib', 0):>8.2f}{r.get('accelerator_peak_gib', 0):>9.2f}"
+                     f"{c.get('peak', 0):>9.2f}{r.get('cpu_upcast_gib', 0):>8.2f}"
                      f"{r['floor_gib']:>9.2f}{r.get('ratio_to_floor', float('nan')):>7.2f}"
                      f"{r.get('hbm_gib', 0):>7.0f}{r.get('margin', float('nan')):>8.1%}"
                      f"{(r['flops_xla'] or 0) / 1e12:>9.1f}")
-    return "\n".join(lines) + ("\n(GiB per device. upcast: fp32 copies of bf16 weight stacks that only XLA:CPU makes;"
-                               " acc.peak = peak - upcast, compared with the floor and the HBM. TFLOP: XLA's count for"
-                               " one device's program, loop bodies counted once)")
+    return "\n".join(lines) + ("\n(GiB per device. peak = args + outputs - donated + temps, judged against the floor and"
+                               " the HBM; upcast: at most this much of it is fp32 copies of weight stacks that only"
+                               " XLA:CPU makes. TFLOP: XLA's count for one device's program, loop bodies counted once)")
 
 
 def main(argv) -> int:

@@ -22,7 +22,7 @@ def run_plan(tmp_path, *args):
 
 def test_plan_compiles_dmd2_steps_and_sharded_sampling(tmp_path):
     small = ["--config.plan.layers=2", "--config.data.resolution=256", "--config.data.batch_size=8",
-             "--text_tokens=32", "--devices=8"]
+             "--text_tokens=32", "--devices=8", "--config.gan.gen_weight=0", "--config.gan.disc_weight=0"]
     proc, rows = run_plan(tmp_path, "--config=configs/dmd2.py:lora_h100x8", *small)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["job"] for r in rows] == ["generator", "critic"]
@@ -30,8 +30,8 @@ def test_plan_compiles_dmd2_steps_and_sharded_sampling(tmp_path):
         c = r["compiled_gib"]
         assert abs(c["peak"] - (c["arguments"] + c["outputs"] - c["aliased"] + c["temporaries"])) < 0.01
         assert c["aliased"] > 0  # the state is donated
-        # nothing big replicated: LoRA adapters, their Adam moments and the frozen base all split 8 ways
-        assert r["arguments_per_device_gib"] < 1.2 * r["floor_arguments_gib"]
+        # nothing replicated (GAN off: its heads are): adapters, their Adam moments, the frozen base
+        assert r["arguments_per_device_gib"] < 1.05 * r["floor_arguments_gib"]
         assert r["ratio_to_floor"] > 0 and r["hbm_gib"] == 80.0 and r["flops_xla"] > 0
     assert "ratio" in proc.stdout and "generator" in proc.stdout
 

@@ -172,8 +172,10 @@ class Trainer:
     def _state_shardings(self, mesh) -> dict:
         repl = sharding_lib.replicated(mesh)
         model_sh = state_lib.tree_shardings(self.teacher, mesh)
-        param_sh = {"generator": model_sh, "fake": model_sh,
-                    "heads": heads_lib.head_shardings(self.params["heads"], mesh)}
+        # The heads stay replicated: split along their input axis, their first matmul meets
+        # batch-split features on the same mesh axis and GSPMD gathers the activations instead
+        # (full_v5e64 generator: 12.9 -> 22 GiB of temporaries per device).
+        param_sh = {"generator": model_sh, "fake": model_sh, "heads": jax.tree.map(lambda _: repl, self.params["heads"])}
         critic = {"fake": self.params["fake"], "heads": self.params["heads"]}
         critic_sh = {"fake": model_sh, "heads": param_sh["heads"]}
         out = {"step": repl, "params": param_sh, "opt_state": {

@@ -5,10 +5,9 @@ There is no UNet bottleneck in a DiT, so each chosen block's image-token hidden 
 token, averaged over tokens: one logit per image per head, summed over heads. Per-token heads
 work at any resolution and aspect ratio (PCM's SD3 discriminator and SANA-Sprint do the same).
 
-Parameters are a plain dict {"<i>": {"w1", "b1", "w2", "b2"}} in float32; the kernels' input axis
-is split like the model's "embed" axis (three heads at width 3072 are 113 MB, 340 MB with Adam's
-moments: not worth holding on every device). The backbone (fake score or frozen teacher) is
-chosen by the caller.
+Parameters are a plain dict {"<i>": {"w1", "b1", "w2", "b2"}} in float32, replicated (three heads
+at width 3072: 113 MB, 340 MB with Adam's moments; `dmd2.py` says why they are not split). The
+backbone (fake score or frozen teacher) is chosen by the caller.
 """
 
 from __future__ import annotations
@@ -34,18 +33,6 @@ def init_heads(key: jax.Array, width: int, count: int) -> dict:
                          "w2": jax.random.normal(k2, (width, 1), jnp.float32) / jnp.sqrt(width),
                          "b2": jnp.zeros((1,), jnp.float32)}
     return heads
-
-
-def head_shardings(heads: dict, mesh) -> dict:
-    """NamedShardings of `init_heads`' tree: w1 and w2 split along their input (embed) axis."""
-    from jax.sharding import NamedSharding
-
-    from qwen_jax import sharding as sharding_lib
-
-    axes = {"w1": ("embed", None), "b1": (None,), "w2": ("embed", None), "b2": (None,)}
-    return {i: {name: NamedSharding(mesh, sharding_lib.partition_spec(axes[name], p.shape, mesh,
-                                                                      sharding_lib.DEFAULT_RULES))
-                for name, p in head.items()} for i, head in heads.items()}
 
 
 def logits(heads: dict, features: tuple[jax.Array, ...]) -> jax.Array:
