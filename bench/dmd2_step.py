@@ -26,7 +26,9 @@ AdamW lr 5e-5 b1 0 wd 0.01 clip 1, critic AdamW lr 2e-5 b1 0 clip 1.
 Torch is given the draws our steps make at every iteration (exit step k, noise z, DM sigma and
 noise, per turn: `dmd2._keys`), so both sides do the same work; the first iteration's losses,
 pre-clip gradient norms and parameter updates of both trained models are compared. Timed
-iterations are interleaved; medians, minima and speedup = torch / jax are reported. Prints one
+iterations are interleaved; medians, minima and speedup = torch / jax are reported, with the
+per-iteration times and the median of per-iteration ratios (iteration i has the same exit steps
+on both sides; the minima may not). Prints one
 JSON line on stdout; progress goes to stderr. About 3 minutes at the defaults on an idle 2-core
 machine (~5 CPU-minutes: two compiles, parity conversions, 4 iterations per side).
 
@@ -38,6 +40,7 @@ import copy
 import importlib.util
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -340,6 +343,11 @@ def main():
         "jax_iter_ms_min": jax_s["min"],
         "torch_iter_ms_min": torch_s["min"],
         "speedup_min": ratio(torch_s["min"], jax_s["min"]),
+        # Iteration i does the same work on both sides (same exit steps) back to back: its ratio is
+        # the least load-dependent comparison; minima may come from iterations with different k.
+        "jax_iter_ms": [round(t * 1e3) for t in times["jax"]],
+        "torch_iter_ms": [round(t * 1e3) for t in times["torch"]],
+        "speedup_per_iter_median": round(statistics.median(t / j for j, t in zip(times["jax"], times["torch"])), 3),
         "turn_ms_median": {side: {turn: v["median"] for turn, v in per.items()} for side, per in turns.items()},
         "jax_first_iter_s": round(jax_first_s, 2),  # compile of both steps included
         "torch_first_iter_s": round(torch_first_s, 2),
