@@ -35,13 +35,13 @@ import jax.numpy as jnp
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, log, versions  # noqa: E402
+from common import device_info, log, versions
 
-from qwen_jax import sharding as sharding_lib  # noqa: E402
-from qwen_jax.models import QwenImageTransformer, TransformerConfig  # noqa: E402
-from qwen_jax.training import state as state_lib  # noqa: E402
-from qwen_jax.training.flow_matching import train_step  # noqa: E402
-from qwen_jax.training.optim import make_optimizer  # noqa: E402
+from qwen_jax import sharding as sharding_lib
+from qwen_jax.models import QwenImageTransformer, TransformerConfig
+from qwen_jax.training import state as state_lib
+from qwen_jax.training.flow_matching import train_step
+from qwen_jax.training.optim import make_optimizer
 
 ROOT = Path(__file__).resolve().parent.parent
 WIDTH = dict(in_channels=64, out_channels=16, attention_head_dim=64, num_attention_heads=12,

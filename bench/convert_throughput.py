@@ -8,7 +8,8 @@ then runs, interleaved, each in a fresh child Python process:
   raw      safetensors.safe_open(file, framework="np") and get_tensor for every tensor of every
            shard (each tensor read into a numpy array), nothing written.
 Each child times its own work (imports excluded: wall, user and system CPU seconds) and reports
-its peak RSS (VmHWM; a safetensors mmap's touched pages count) and the peak after its imports. MB/s = checkpoint bytes (MiB) / those seconds; ratio = convert / raw.
+its peak RSS (VmHWM; a safetensors mmap's touched pages count) and the peak after its imports.
+MiB/s = checkpoint bytes (MiB) / those seconds; ratio = convert / raw.
 Two page-cache states: "warm" (the checkpoint already cached, as right after it was written or
 read) and "cold" (the checkpoint files evicted from the guest page cache with
 posix_fadvise(DONTNEED) before each run; the VM host may still cache the disk). The converter's
@@ -33,8 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log  # noqa: E402
-
+from common import log
 
 # ---- children -------------------------------------------------------------------------------------
 
@@ -81,7 +81,7 @@ def child_raw(src: str) -> dict:
     nbytes, checksum = 0, 0.0
     for path in sorted(Path(src).glob("*.safetensors")):
         with safe_open(path, framework="np") as f:
-            for key in f.keys():
+            for key in f.keys():  # noqa: SIM118 (a safe_open handle is not a dict)
                 arr = f.get_tensor(key)
                 nbytes += arr.nbytes
                 checksum += float(arr.flat[0])  # touch it
@@ -121,7 +121,7 @@ def write_checkpoint(src: Path, layers: int, heads: int, text_dim: int) -> dict:
     for i, shard in enumerate(shards):
         name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         shapes = {d[0]: d[1] for d in shard}
-        write_safetensors(src / name, shard, lambda k: rng.standard_normal(shapes[k], dtype=np.float32))
+        write_safetensors(src / name, shard, lambda k, shapes=shapes: rng.standard_normal(shapes[k], dtype=np.float32))
         weight_map.update({d[0]: name for d in shard})
     (src / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     os.sync()  # written back, so that eviction from the page cache can work

@@ -5,11 +5,12 @@ One iteration = a generator turn + a critic turn (qwen_jax/distillation/dmd2.py 
 dfake_gen_update_ratio 1, so both turns run every iteration). Model: bench/train_step.py's
 (bench/forward.py's 4 blocks, 12 heads x 64, text dim 3584), full weights, remat none; batch 1 of
 64x64 latents (1024 image tokens) and 64 text tokens (with --batch 2, train_step.py's batch, the
-second prompt is padded after 48; about twice the time), the negative prompt 8 valid tokens of 64. Config: configs/dmd2.py "qwen_image" made full-weight
-(lora_rank 0) with ratio 1 and the GAN off (gan.gen_weight = gan.disc_weight = 0: no heads on
-either side), no EMA; otherwise as configured: teacher CFG 4 with Qwen's norm rescale, 2-step
-student on [1, 0.75, 0] (ode transitions), DM sigmas shift-3 clipped to [0.02, 0.98], generator
-AdamW lr 5e-5 b1 0 wd 0.01 clip 1, critic AdamW lr 2e-5 b1 0 clip 1.
+second prompt is padded after 48), the negative prompt 8 valid tokens of 64. Config:
+configs/dmd2.py "qwen_image" made full-weight (lora_rank 0) with ratio 1 and the GAN off
+(gan.gen_weight = gan.disc_weight = 0: no heads on either side), no EMA; otherwise as
+configured: teacher CFG 4 with Qwen's norm rescale, 2-step student on [1, 0.75, 0] (ode
+transitions), DM sigmas shift-3 clipped to [0.02, 0.98], generator AdamW lr 5e-5 b1 0 wd 0.01
+clip 1, critic AdamW lr 2e-5 b1 0 clip 1.
 
   ours   `dmd2.Trainer(config, graphdef, params, frozen, mesh)`, `init_state()`, then its two
          jitted, state-donating steps as `Trainer.step` calls them (generator, then critic) on a
@@ -29,8 +30,9 @@ pre-clip gradient norms and parameter updates of both trained models are compare
 iterations are interleaved; medians, minima and speedup = torch / jax are reported, with the
 per-iteration times and the median of per-iteration ratios (iteration i has the same exit steps
 on both sides; the minima may not). Prints one
-JSON line on stdout; progress goes to stderr. About 3 minutes at the defaults on an idle 2-core
-machine (~5 CPU-minutes: two compiles, parity conversions, 4 iterations per side).
+JSON line on stdout; progress goes to stderr. About 1.5 minutes at the defaults on an idle 2-core
+machine (2.5 CPU-minutes: two compiles, parity conversions, 4 iterations per side); --batch 2
+about twice that.
 
 Run: .venv/bin/python bench/dmd2_step.py [--repeats 3] [--warmup 1] [--batch 1] [--quick]
 """
@@ -52,15 +54,15 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, interleaved, log, ratio, summary, versions  # noqa: E402
+from common import device_info, interleaved, log, ratio, summary, versions
+from diffusers import QwenImageTransformer2DModel
 
-from diffusers import QwenImageTransformer2DModel  # noqa: E402
-from qwen_jax import sharding as sharding_lib  # noqa: E402
-from qwen_jax.conversion.transformer import state_dict_to_params  # noqa: E402
-from qwen_jax.distillation import dmd2, losses, roles  # noqa: E402
-from qwen_jax.models import QwenImageTransformer, TransformerConfig  # noqa: E402
-from qwen_jax.pytree import flatten_params  # noqa: E402
-from qwen_jax.training import state as state_lib  # noqa: E402
+from qwen_jax import sharding as sharding_lib
+from qwen_jax.conversion.transformer import state_dict_to_params
+from qwen_jax.distillation import dmd2, losses, roles
+from qwen_jax.models import QwenImageTransformer, TransformerConfig
+from qwen_jax.pytree import flatten_params
+from qwen_jax.training import state as state_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -206,7 +208,8 @@ def rel_diff(a: float, b: float) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per framework (interleaved)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed iterations, the first (parity, compile) included")
+    parser.add_argument("--warmup", type=int, default=1,
+                        help="untimed iterations, the first (parity, compile) included")
     parser.add_argument("--batch", type=int, default=1, help="2 = train_step.py's batch (twice the time)")
     parser.add_argument("--quick", action="store_true", help="a small model and batch, for a smoke run")
     args = parser.parse_args()
@@ -296,7 +299,8 @@ def main():
         "generator_loss_rel_diff": rel_diff(float(gen_j["generator_loss"]), gen_t["loss"]),
         "generator_grad_norm_jax": float(gen_j["generator_grad_norm"]), "generator_grad_norm_torch": gen_t["grad_norm"],
         "generator_grad_norm_rel_diff": rel_diff(float(gen_j["generator_grad_norm"]), gen_t["grad_norm"]),
-        "generator_update_rel_err": float(f"{update_rel_err(old_flat, new_jax['generator'], new_torch['generator']):.3g}"),
+        "generator_update_rel_err":
+            float(f"{update_rel_err(old_flat, new_jax['generator'], new_torch['generator']):.3g}"),
         "critic_loss_jax": float(critic_j["loss"]), "critic_loss_torch": critic_t["loss"],
         "critic_loss_rel_diff": rel_diff(float(critic_j["loss"]), critic_t["loss"]),
         "critic_grad_norm_jax": float(critic_j["critic_grad_norm"]), "critic_grad_norm_torch": critic_t["grad_norm"],
