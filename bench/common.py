@@ -63,3 +63,64 @@ def summary(times: list[float], scale: float = 1e3, digits: int = 1) -> dict:
 
 def ratio(a: float, b: float, digits: int = 3) -> float:
     return round(a / b, digits)
+
+
+def update_rel_err(old: dict, new_jax: dict, new_torch: dict) -> float:
+    """|Δθ_jax - Δθ_torch| / |Δθ_torch| over every parameter, both in qwen_jax's layout."""
+    import numpy as np
+
+    num = den = 0.0
+    for path, p0 in old.items():
+        d_j = np.asarray(new_jax[path], np.float64) - p0
+        d_t = np.asarray(new_torch[path], np.float64) - p0
+        num += float(np.sum((d_j - d_t) ** 2))
+        den += float(np.sum(d_t ** 2))
+    return (num / den) ** 0.5
+
+
+def rel_diff(a: float, b: float) -> float:
+    """|a - b| / |b| to 3 significant digits."""
+    return float(f"{abs(a - b) / abs(b):.3g}")
+
+
+def write_synthetic_checkpoint(src: Path, layers: int, heads: int, text_dim: int) -> dict:
+    """A random fp32 diffusers transformer folder (config.json, ~2 GB shards, index), described."""
+    import json
+
+    import numpy as np
+
+    from qwen_jax.conversion import transformer_keys as keymap
+    from qwen_jax.conversion.safetensors_io import write_safetensors
+    from qwen_jax.models import TransformerConfig
+    from qwen_jax.models.transformer import abstract_params
+
+    cfg = TransformerConfig(num_layers=layers, num_attention_heads=heads, attention_head_dim=64,
+                            joint_attention_dim=text_dim, axes_dims_rope=(16, 24, 24))
+    flax_shapes = {path: tuple(s.shape) for path, s in abstract_params(cfg).items()}
+    decls = []
+    for path, shape in flax_shapes.items():
+        for layer, key, transpose in keymap.torch_keys_for(path, shape):
+            sl = shape[1:] if layer is not None else shape
+            decls.append((key, tuple(reversed(sl)) if transpose else sl, np.dtype(np.float32)))
+    src.mkdir(parents=True)
+    (src / "config.json").write_text(json.dumps(cfg.to_diffusers_config()))
+    shards, current, size = [], [], 0
+    for d in decls:  # ~2 GB shards, like the hub's
+        nbytes = int(np.prod(d[1])) * 4
+        if current and size + nbytes > 2e9:
+            shards.append(current)
+            current, size = [], 0
+        current.append(d)
+        size += nbytes
+    shards.append(current)
+    rng, weight_map = np.random.default_rng(0), {}
+    for i, shard in enumerate(shards):
+        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        shapes = {d[0]: d[1] for d in shard}
+        write_safetensors(src / name, shard, lambda k, shapes=shapes: rng.standard_normal(shapes[k], dtype=np.float32))
+        weight_map.update({d[0]: name for d in shard})
+    (src / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    os.sync()  # written back, so that eviction from the page cache can work
+    return {"file_bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
+            "tensor_bytes": sum(int(np.prod(d[1])) * 4 for d in decls), "tensors": len(decls), "shards": len(shards),
+            "largest_mib": max(int(np.prod(s)) for s in flax_shapes.values()) * 4 / 2**20}

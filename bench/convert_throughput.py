@@ -34,7 +34,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import log
+from common import log, write_synthetic_checkpoint
 
 # ---- children -------------------------------------------------------------------------------------
 
@@ -91,45 +91,6 @@ def child_raw(src: str) -> dict:
 # ---- parent ---------------------------------------------------------------------------------------
 
 
-def write_checkpoint(src: Path, layers: int, heads: int, text_dim: int) -> dict:
-    """A random fp32 diffusers transformer folder (config.json, ~2 GB shards, index), described."""
-    from qwen_jax.conversion import transformer_keys as keymap
-    from qwen_jax.conversion.safetensors_io import write_safetensors
-    from qwen_jax.models import TransformerConfig
-    from qwen_jax.models.transformer import abstract_params
-
-    cfg = TransformerConfig(num_layers=layers, num_attention_heads=heads, attention_head_dim=64,
-                            joint_attention_dim=text_dim, axes_dims_rope=(16, 24, 24))
-    flax_shapes = {path: tuple(s.shape) for path, s in abstract_params(cfg).items()}
-    decls = []
-    for path, shape in flax_shapes.items():
-        for layer, key, transpose in keymap.torch_keys_for(path, shape):
-            sl = shape[1:] if layer is not None else shape
-            decls.append((key, tuple(reversed(sl)) if transpose else sl, np.dtype(np.float32)))
-    src.mkdir(parents=True)
-    (src / "config.json").write_text(json.dumps(cfg.to_diffusers_config()))
-    shards, current, size = [], [], 0
-    for d in decls:  # ~2 GB shards, like the hub's
-        nbytes = int(np.prod(d[1])) * 4
-        if current and size + nbytes > 2e9:
-            shards.append(current)
-            current, size = [], 0
-        current.append(d)
-        size += nbytes
-    shards.append(current)
-    rng, weight_map = np.random.default_rng(0), {}
-    for i, shard in enumerate(shards):
-        name = f"diffusion_pytorch_model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        shapes = {d[0]: d[1] for d in shard}
-        write_safetensors(src / name, shard, lambda k, shapes=shapes: rng.standard_normal(shapes[k], dtype=np.float32))
-        weight_map.update({d[0]: name for d in shard})
-    (src / "diffusion_pytorch_model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
-    os.sync()  # written back, so that eviction from the page cache can work
-    return {"file_bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
-            "tensor_bytes": sum(int(np.prod(d[1])) * 4 for d in decls), "tensors": len(decls), "shards": len(shards),
-            "largest_mib": max(int(np.prod(s)) for s in flax_shapes.values()) * 4 / 2**20}
-
-
 def evict(folder: Path) -> None:
     """Drop the folder's files from the guest page cache (they are clean after os.sync)."""
     for path in folder.iterdir():
@@ -168,7 +129,7 @@ def main():
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         log(f"writing a synthetic checkpoint ({args.layers} blocks, width {64 * args.heads}) to {src}")
         start = time.perf_counter()
-        ckpt = write_checkpoint(src, args.layers, args.heads, args.text_dim)
+        ckpt = write_synthetic_checkpoint(src, args.layers, args.heads, args.text_dim)
         mb = ckpt["file_bytes"] / 2**20
         log(f"{mb:.0f} MiB in {time.perf_counter() - start:.1f} s")
 

@@ -54,7 +54,7 @@ import torch
 from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, interleaved, log, ratio, summary, versions
+from common import device_info, interleaved, log, ratio, rel_diff, summary, update_rel_err, versions
 from diffusers import QwenImageTransformer2DModel
 
 from qwen_jax import sharding as sharding_lib
@@ -190,21 +190,6 @@ class TorchDMD2:
         return {"loss": float(loss.detach()), "grad_norm": self._update(self.critic_opt)}
 
 
-def update_rel_err(old: dict, new_jax: dict, new_torch: dict) -> float:
-    """|Δθ_jax - Δθ_torch| / |Δθ_torch| over every parameter, both in qwen_jax's layout."""
-    num = den = 0.0
-    for path, p0 in old.items():
-        d_j = np.asarray(new_jax[path], np.float64) - p0
-        d_t = np.asarray(new_torch[path], np.float64) - p0
-        num += float(np.sum((d_j - d_t) ** 2))
-        den += float(np.sum(d_t ** 2))
-    return (num / den) ** 0.5
-
-
-def rel_diff(a: float, b: float) -> float:
-    return float(f"{abs(a - b) / abs(b):.3g}")
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="timed iterations per framework (interleaved)")
@@ -250,15 +235,16 @@ def main():
              "critic": draws(config, i, 2, shape, len(sigmas) - 1)} for i in range(n_iters)]
     turn_times = {"jax": {"generator": [], "critic": []}, "torch": {"generator": [], "critic": []}}
     counters = {"jax": 0, "torch": 0}
+    steps = trainer.jitted_steps()
 
     def run_jax():
         nonlocal state
         with jax.set_mesh(mesh):  # as train.py calls Trainer.step: generator turn, then critic turn
             start = time.perf_counter()
-            state, gen_m = trainer._gen(state, trainer.teacher, frozen, batch)
+            state, gen_m = steps["generator"](state, trainer.teacher, frozen, batch)
             jax.block_until_ready((state, gen_m))
             mid = time.perf_counter()
-            state, critic_m = trainer._critic(state, trainer.teacher, frozen, batch)
+            state, critic_m = steps["critic"](state, trainer.teacher, frozen, batch)
             jax.block_until_ready((state, critic_m))
             end = time.perf_counter()
         turn_times["jax"]["generator"].append(mid - start)

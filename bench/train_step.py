@@ -48,6 +48,8 @@ from qwen_jax.models import QwenImageTransformer, TransformerConfig
 from qwen_jax.models.latents import pack_latents
 from qwen_jax.pytree import flatten_params
 from qwen_jax.training import state as state_lib
+
+from common import rel_diff, update_rel_err
 from qwen_jax.training.flow_matching import train_step
 from qwen_jax.training.optim import make_optimizer
 
@@ -132,21 +134,6 @@ class TorchStep:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         return float(loss.detach()), float(grad_norm)
-
-
-def update_rel_err(old: dict, new_jax: dict, new_torch: dict) -> float:
-    """|Δθ_jax - Δθ_torch| / |Δθ_torch| over every parameter, both in qwen_jax's layout."""
-    num = den = 0.0
-    for path, p0 in old.items():
-        d_j = np.asarray(new_jax[path], np.float64) - p0
-        d_t = np.asarray(new_torch[path], np.float64) - p0
-        num += float(np.sum((d_j - d_t) ** 2))
-        den += float(np.sum(d_t ** 2))
-    return (num / den) ** 0.5
-
-
-def rel_diff(a: float, b: float) -> float:
-    return abs(a - b) / abs(b)
 
 
 def main():
