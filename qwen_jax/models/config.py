@@ -54,7 +54,8 @@ class TransformerConfig(DtypePolicy):
     Runtime fields are not stored with checkpoints:
         param_dtype: storage dtype of parameters.
         dtype: compute dtype of matmuls and the residual streams; norms, softmax and RoPE run in fp32.
-        attention: "xla" (default, any backend), "cudnn" (GPU, bf16/fp16) or "splash" (TPU, not yet).
+        attention: "xla" (default, any backend), "cudnn" (GPU, bf16/fp16) or "splash" (TPU, Pallas);
+            `models/attention.py` lists each kernel's constraints.
         remat: a policy name from `qwen_jax.models.remat.REMAT_POLICIES`.
         lora_rank, lora_alpha, lora_targets: LoRA adapters (see `qwen_jax.models.lora`).
     """
