@@ -111,8 +111,9 @@ def transformer_flops(cfg, w: Workload) -> float:
     plus attention 4 x L^2 x D; a backward costs twice the forward (three times in all), and full
     remat recomputes the forward once more."""
     d, tokens = cfg.inner_dim, w.image_tokens + w.text_tokens
-    per_token = 2 * (4 * d * d + 2 * 4 * d * d)        # q, k, v, out projections; MLP in + out (x4 width)
-    per_token *= 1  # each stream has its own weights, but a token passes through one stream's
+    # q, k, v, out projections and MLP in + out (4x wide) of the token's own stream (text and image
+    # tokens each pass through one stream's weights); the per-sample modulation is negligible
+    per_token = 2 * (4 * d * d + 2 * 4 * d * d)
     block = w.batch * (tokens * per_token + 4 * tokens * tokens * d)
     return cfg.num_layers * block
 
