@@ -13,6 +13,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 
 def log(*args) -> None:
@@ -124,3 +125,28 @@ def write_synthetic_checkpoint(src: Path, layers: int, heads: int, text_dim: int
     return {"file_bytes": sum(f.stat().st_size for f in src.glob("*.safetensors")),
             "tensor_bytes": sum(int(np.prod(d[1])) * 4 for d in decls), "tensors": len(decls), "shards": len(shards),
             "largest_mib": max(int(np.prod(s)) for s in flax_shapes.values()) * 4 / 2**20}
+
+
+def jax_twin(torch_model, arch: dict):
+    """qwen_jax's fp32 copy of a diffusers transformer on a 1-device mesh, split for training.
+
+    Returns (cfg, graphdef, trainable, frozen, flat fp64 copy of the initial params, mesh).
+    """
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from qwen_jax import sharding as sharding_lib
+    from qwen_jax.conversion.transformer import state_dict_to_params
+    from qwen_jax.models import QwenImageTransformer, TransformerConfig
+    from qwen_jax.pytree import flatten_params
+    from qwen_jax.training import state as state_lib
+
+    cfg = TransformerConfig(**arch, dtype="float32", param_dtype="float32", remat="none")
+    params0 = state_dict_to_params(cfg, {k: v.detach().numpy().copy() for k, v in torch_model.state_dict().items()})
+    old_flat = {p: np.asarray(v, np.float64) for p, v in flatten_params(params0).items()}
+    model = QwenImageTransformer(cfg, rngs=nnx.Rngs(0))
+    nnx.update(model, params0)
+    graphdef, params, frozen = state_lib.split_trainable(model, lora=False)
+    mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    return cfg, graphdef, params, frozen, old_flat, mesh

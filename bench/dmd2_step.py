@@ -51,18 +51,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import device_info, interleaved, log, ratio, rel_diff, summary, update_rel_err, versions
+from common import device_info, interleaved, jax_twin, log, ratio, rel_diff, summary, update_rel_err, versions
 from diffusers import QwenImageTransformer2DModel
 
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.conversion.transformer import state_dict_to_params
 from qwen_jax.distillation import dmd2, losses, roles
-from qwen_jax.models import QwenImageTransformer, TransformerConfig
 from qwen_jax.pytree import flatten_params
-from qwen_jax.training import state as state_lib
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -214,15 +211,7 @@ def main():
     shape = (args.batch, (hw // 2) ** 2, arch["in_channels"])
 
     log("converting weights to JAX, building the DMD2 trainer")
-    cfg = TransformerConfig(**arch, dtype="float32", param_dtype="float32", remat="none")
-    params0 = state_dict_to_params(cfg, {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()})
-    old_flat = {p: np.asarray(v, np.float64) for p, v in flatten_params(params0).items()}
-    model = QwenImageTransformer(cfg, rngs=nnx.Rngs(0))
-    nnx.update(model, params0)
-    del params0
-    graphdef, params, frozen = state_lib.split_trainable(model, lora=False)
-    del model
-    mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg, graphdef, params, frozen, old_flat, mesh = jax_twin(tm, arch)
     trainer = dmd2.Trainer(config, graphdef, params, frozen, mesh)
     state = trainer.init_state()
     batch = {k: jax.device_put(v, sharding_lib.batch_sharding(mesh, v.ndim)) for k, v in batch_np.items()}

@@ -37,21 +37,19 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import torch
-from flax import nnx
 
 import diffusers
 from diffusers import QwenImagePipeline, QwenImageTransformer2DModel
 from qwen_jax import flow
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.conversion.transformer import state_dict_to_params
-from qwen_jax.models import QwenImageTransformer, TransformerConfig
 from qwen_jax.models.latents import pack_latents
 from qwen_jax.pytree import flatten_params
 from qwen_jax.training import state as state_lib
-
-from common import rel_diff, update_rel_err
 from qwen_jax.training.flow_matching import train_step
 from qwen_jax.training.optim import make_optimizer
+
+from common import jax_twin, rel_diff, update_rel_err
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,15 +155,7 @@ def main():
     batch_np = make_batch(args.batch, hw, arch["in_channels"] // 4, n_txt, arch["joint_attention_dim"])
 
     log("converting weights to JAX, building the train state")
-    cfg = TransformerConfig(**arch, dtype="float32", param_dtype="float32", remat="none")
-    params0 = state_dict_to_params(cfg, {k: v.detach().numpy().copy() for k, v in tm.state_dict().items()})
-    old_flat = {p: np.asarray(v, np.float64) for p, v in flatten_params(params0).items()}
-    model = QwenImageTransformer(cfg, rngs=nnx.Rngs(0))
-    nnx.update(model, params0)
-    del params0
-    graphdef, params, frozen = state_lib.split_trainable(model, lora=False)
-    del model
-    mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    cfg, graphdef, params, frozen, old_flat, mesh = jax_twin(tm, arch)
     tx, schedule = make_optimizer(config.optim, config.total_steps)
     shardings = state_lib.state_shardings(tx, params, mesh, ema=False)
     state = state_lib.create_train_state(tx, params, shardings)
