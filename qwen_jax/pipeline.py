@@ -150,7 +150,9 @@ class Pipeline:
 
         True CFG runs when `guidance > 1` and a negative prompt is given (as in diffusers).
         seed: an int (image i uses seed + i) or one seed per image; `latents` (B, L_img, 64)
-        packed, overrides the seeds. `sigmas` overrides the base grid of the schedule.
+        packed, replaces the seeds' initial noise. `sigmas` overrides the base grid of the schedule.
+        stochastic: each step predicts x0 and re-noises it (the DMD2 student's multi-step
+        sampling), image i with noise from seeds[i] alone, whatever the batch.
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         px = self.pixels_per_token
@@ -161,10 +163,10 @@ class Pipeline:
         if self.mesh is not None:
             sequence_parallel.check_divisible(n_img, sequence_parallel.num_shards(self.mesh))
         channels = self.transformer.config.in_channels
+        seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
+        if len(seeds) != len(prompts):
+            raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
         if latents is None:
-            seeds = [seed + i for i in range(len(prompts))] if isinstance(seed, int) else list(seed)
-            if len(seeds) != len(prompts):
-                raise ValueError(f"{len(seeds)} seeds for {len(prompts)} prompts")
             noise = sampler.initial_noise(seeds, (2 * grid[1], 2 * grid[2], channels // 4))
             latents = pack_latents(noise)
         latents = jnp.asarray(latents, jnp.float32)
@@ -183,7 +185,7 @@ class Pipeline:
 
         sig = self.sigmas(num_steps, n_img, sigmas)
         dtype = self.transformer.config.jnp_dtype
-        key = jax.random.key(int(np.sum(seed)) if latents is None else 0)
+        key = sampler.renoise_keys(seeds)  # stochastic: image i re-noised from seeds[i] alone
         inputs = (latents.astype(dtype), text.astype(dtype), mask,
                   None if neg_text is None else neg_text.astype(dtype), neg_mask)
         with self._on_mesh():

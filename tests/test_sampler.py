@@ -110,6 +110,15 @@ def test_stochastic_sampler_renoises_with_its_key():
     # the last step lands on sigma 0, where re-noising adds nothing: x0 is the prediction itself
     assert np.isfinite(np.asarray(a)).all()
 
+    # one key per image (the pipeline's): an image's re-noising depends on its seed, not on the batch
+    seeds = [5 + i for i in range(latents.shape[0])]
+    batch = sampler.sample(*args, key=sampler.renoise_keys(seeds), img_shapes=(GRID,), stochastic=True)
+    last = args[:2] + (latents[-1:],) + args[3:5] + (text[-1:], mask[-1:])
+    alone = sampler.sample(*last, key=sampler.renoise_keys(seeds[-1:]), img_shapes=(GRID,), stochastic=True)
+    np.testing.assert_allclose(alone, batch[-1:], rtol=1e-5, atol=1e-5)
+    other = sampler.sample(*last, key=sampler.renoise_keys([99]), img_shapes=(GRID,), stochastic=True)
+    assert float(jnp.abs(other - alone).max()) > 1e-3
+
 
 def test_initial_noise_depends_on_the_seed_only():
     batch = sampler.initial_noise([7, 8, 9], (4, 6, 16))

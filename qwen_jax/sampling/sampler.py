@@ -97,7 +97,8 @@ def sample(
 
     sigmas: (N + 1,) visited sigmas, last 0; times: (N,) what the model sees (flow.model_time).
     With `neg_text`, each step is true CFG with scale `guidance`. With `stochastic`, each step
-    predicts x0 and re-noises it with fresh noise from `key` (DMD2-style multi-step sampling);
+    predicts x0 and re-noises it with fresh noise from `key` (DMD2-style multi-step sampling):
+    one key for the batch, or one per image (`renoise_keys`);
     otherwise steps are Euler (deterministic, diffusers' FlowMatchEulerDiscreteScheduler).
     """
     model = nnx.merge(graphdef, state)
@@ -114,8 +115,11 @@ def sample(
         v = model(x_in, text, text_mask, t, img_shapes)
         if use_cfg:
             v = cfg_combine(v[:batch], v[batch:], guidance)
-        if stochastic:
+        if stochastic and key.ndim:  # one key per image: its noise does not depend on the batch
+            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
+        elif stochastic:
             noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
+        if stochastic:
             return flow.renoise_step(x, v, sigma, sigma_next, noise).astype(x.dtype)
         return flow.euler_step(x, v, sigma, sigma_next).astype(x.dtype)
 
@@ -137,6 +141,12 @@ def shard_inputs(mesh, latents, text, text_mask, neg_text=None, neg_mask=None):
     put = lambda x, where: None if x is None else jax.device_put(x, where(mesh, x.shape))  # noqa: E731
     return (put(latents, latents_sharding), put(text, text_sharding), put(text_mask, text_sharding),
             put(neg_text, text_sharding), put(neg_mask, text_sharding))
+
+
+def renoise_keys(seeds) -> jax.Array:
+    """(B,) keys for `sample(stochastic=True)`, one per image from its seed (apart from its initial noise)."""
+    return jax.random.wrap_key_data(jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.key(int(s)), 1))
+                                               for s in seeds]))
 
 
 def initial_noise(seeds, latent_shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
