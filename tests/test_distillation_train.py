@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -86,7 +87,9 @@ def test_pcm_then_dmd2_with_gan_on_schedule_teacher_untouched_resumes_and_export
     assert moved(state["params"]["fake"], teacher) and moved(state["params"]["heads"], first["trainer"].initial_heads)
 
     # resumes from the step-4 checkpoint; the GAN now reads the frozen teacher's features (same heads)
-    result = train(load_config("dmd2", toy_base, total_steps=steps, **dmd2, **{"gan.backbone": "teacher"}),
+    # at its own noise levels t' <= 0.5
+    result = train(load_config("dmd2", toy_base, total_steps=steps, **dmd2,
+                               **{"gan.backbone": "teacher", "gan.t_max": 0.5}),
                    tmp_path / "run")
     state = result["state"]
     assert int(state["step"]) == steps and adam_count(state["opt_state"]["generator"]) == math.ceil(steps / ratio)
@@ -152,7 +155,8 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
     assert (tmp_path / "lora" / "export" / "lora.safetensors").is_file()
 
     for field, value, match in [("gan.backbone", "vae", "gan.backbone"), ("distill.renoise", "euler", "renoise"),
-                                ("gan.real_share", 0.5, "teacher_pool"), ("dmd2.dfake_gen_update_ratio", 0, "ratio")]:
+                                ("gan.real_share", 0.5, "teacher_pool"), ("dmd2.dfake_gen_update_ratio", 0, "ratio"),
+                                ("gan.t_max", 0.01, "gan.t_max")]:
         with pytest.raises(ValueError, match=match):
             train(load_config("dmd2", toy_base, total_steps=1, **{field: value}), tmp_path / "bad")
     with pytest.raises(ValueError, match="student_init"):  # a merged export cannot seed LoRA adapters
@@ -203,3 +207,16 @@ def test_teacher_pool_mixing_is_global_deterministic_and_checked(tmp_path):
         TeacherPoolMixer(str(_teacher_pool(tmp_path / "big", size=48)), 0.0, 3)(raw, 0, 0, 8)
     with pytest.raises(ValueError, match="teacher_pool"):
         TeacherPoolMixer("", 0.5, 3)
+
+
+def test_gan_noise_levels_follow_the_dm_loss_or_their_own_range():
+    from qwen_jax.distillation import dmd2
+    from qwen_jax.distillation.defaults import distill_config
+
+    config = distill_config("dmd2", "toy")
+    t = jnp.linspace(0.02, 0.98, 64)
+    key = jax.random.key(3)
+    assert dmd2._gan_sigma(config, key, t) is t  # gan.t_max = 0: DMD2's shared t
+    config.gan.t_max = 0.4
+    t_gan = np.asarray(dmd2._gan_sigma(config, key, t))
+    assert t_gan.shape == t.shape and t_gan.min() >= 0.02 and t_gan.max() <= 0.4 and np.ptp(t_gan) > 0.2

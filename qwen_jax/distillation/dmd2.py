@@ -48,6 +48,14 @@ def _gan_on(config) -> bool:
     return config.gan.gen_weight > 0 or config.gan.disc_weight > 0
 
 
+def _gan_sigma(config, key, t):
+    """The GAN's noise level t': the DM loss's t, or with gan.t_max > 0 its own draw U[t_min, gan.t_max]
+    (real and fake noised alike: near t = 1 both are mostly noise and the heads cannot tell them apart)."""
+    if not config.gan.t_max:
+        return t
+    return jax.random.uniform(jax.random.fold_in(key, 1), t.shape, jnp.float32, config.dmd2.t_min, config.gan.t_max)
+
+
 def _logits(graphdef, backbone, frozen, heads, x0, noise, sigma, text, mask, shapes, blocks):
     x_t = flow.add_noise(x0, noise, sigma)  # diffusion-GAN: real and fake noised to the same t'
     return heads_lib.logits(heads, roles.features(graphdef, backbone, frozen, x_t, sigma, text, mask, shapes, blocks))
@@ -73,8 +81,8 @@ def generator_step(state, teacher, frozen, batch, *, graphdef, tx, config, sigma
         if config.gan.gen_weight > 0:
             backbone = params["fake"] if config.gan.backbone == "fake" else teacher
             gan_noise = jax.random.normal(k_gan, shape, jnp.float32)
-            fake_logits = _logits(graphdef, sg(backbone), frozen, sg(params["heads"]), x, gan_noise, t, text, mask,
-                                  shapes, blocks)
+            fake_logits = _logits(graphdef, sg(backbone), frozen, sg(params["heads"]), x, gan_noise,
+                                  _gan_sigma(config, k_gan, t), text, mask, shapes, blocks)
             gan = losses.gan_generator_loss(fake_logits, config.gan.kind)
             loss = loss + config.gan.gen_weight * gan
             metrics = {**metrics, "gan_generator_loss": sg(gan)}
@@ -111,10 +119,11 @@ def critic_step(state, teacher, frozen, batch, *, graphdef, tx, schedule, config
         if config.gan.disc_weight > 0:
             backbone = critic["fake"] if config.gan.backbone == "fake" else sg(teacher)
             n_real, n_fake = jax.random.split(k_gan)
+            t_gan = _gan_sigma(config, k_gan, t)
             real_logits = _logits(graphdef, backbone, frozen, critic["heads"], real,
-                                  jax.random.normal(n_real, real.shape, jnp.float32), t, text, mask, shapes, blocks)
+                                  jax.random.normal(n_real, real.shape, jnp.float32), t_gan, text, mask, shapes, blocks)
             fake_logits = _logits(graphdef, backbone, frozen, critic["heads"], x,
-                                  jax.random.normal(n_fake, real.shape, jnp.float32), t, text, mask, shapes, blocks)
+                                  jax.random.normal(n_fake, real.shape, jnp.float32), t_gan, text, mask, shapes, blocks)
             gan = losses.gan_discriminator_loss(real_logits, fake_logits, config.gan.kind)
             loss = loss + config.gan.disc_weight * gan
             metrics = {**metrics, "gan_discriminator_loss": sg(gan), "real_logit": sg(real_logits.mean()),
@@ -144,6 +153,9 @@ class Trainer:
         losses.should_update_generator(0, config.dmd2.dfake_gen_update_ratio)  # validates the ratio
         roles.check_config(config)
         real_pool.check_mix(config.gan.real_share, config.gan.teacher_pool)
+        if config.gan.t_max and not config.dmd2.t_min < config.gan.t_max <= 1.0:
+            raise ValueError(f"config.gan.t_max={config.gan.t_max}: 0 (the DM loss's t) or in "
+                             f"(dmd2.t_min={config.dmd2.t_min}, 1]")
 
     def __init__(self, config, graphdef, params: dict, frozen: dict, mesh):
         self.check_config(config)
