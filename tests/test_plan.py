@@ -21,7 +21,7 @@ def run_plan(tmp_path, *args):
 
 
 def test_plan_compiles_dmd2_steps_and_sharded_sampling(tmp_path):
-    small = ["--config.plan.layers=2", "--config.data.resolution=256", "--config.data.batch_size=8",
+    small = ["--config.plan.layers=1", "--config.data.resolution=256", "--config.data.batch_size=8",
              "--text_tokens=32", "--devices=8", "--config.gan.gen_weight=0", "--config.gan.disc_weight=0"]
     proc, rows = run_plan(tmp_path, "--config=configs/dmd2.py:lora_h100x8", *small)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -35,7 +35,7 @@ def test_plan_compiles_dmd2_steps_and_sharded_sampling(tmp_path):
         assert r["ratio_to_floor"] > 0 and r["hbm_gib"] == 80.0 and r["flops_xla"] > 0
     assert "ratio" in proc.stdout and "generator" in proc.stdout
 
-    proc, rows = run_plan(tmp_path, "--config=configs/dmd2.py:sample_2k", "--config.plan.layers=2",
+    proc, rows = run_plan(tmp_path, "--config=configs/dmd2.py:sample_2k", "--config.plan.layers=1",
                           "--config.plan.sample_resolution=512", "--text_tokens=32", "--devices=8")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert [r["job"] for r in rows] == ["sample"] and "'sequence': 2" in proc.stdout

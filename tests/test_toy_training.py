@@ -17,7 +17,7 @@ from qwen_jax.training.metrics import read_metrics
 from test_train import CONFIG
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def toy_base(tmp_path_factory):
     root = tmp_path_factory.mktemp("toy")
     cwd = os.getcwd()
