@@ -25,7 +25,7 @@ clip 1, critic AdamW lr 2e-5 b1 0 clip 1.
                  it, backward, clip, AdamW step.
 
 Torch is given the draws our steps make at every iteration (exit step k, noise z, DM sigma and
-noise, per turn: `dmd2._keys`), so both sides do the same work; the first iteration's losses,
+noise, per turn: `dmd2.turn_keys`), so both sides do the same work; the first iteration's losses,
 pre-clip gradient norms and parameter updates of both trained models are compared. Timed
 iterations are interleaved; medians, minima and speedup = torch / jax are reported, with the
 per-iteration times and the median of per-iteration ratios (iteration i has the same exit steps
@@ -98,9 +98,9 @@ def make_batch(batch: int, hw: int, channels: int, n_txt: int, text_dim: int) ->
             "negative_mask": neg_mask}
 
 
-def draws(config, step: int, salt: int, shape: tuple, num_steps: int) -> dict:
-    """The random values dmd2.generator_step (salt 1) / critic_step (salt 2) draw at `step`."""
-    k_z, k_exit, _k_sim, k_t, k_noise, _k_gan = dmd2._keys(config, jnp.int32(step), salt)
+def draws(config, step: int, turn: int, shape: tuple, num_steps: int) -> dict:
+    """The random values dmd2.generator_step (turn 1) / critic_step (turn 2) draw at `step`."""
+    k_z, k_exit, _k_sim, k_t, k_noise, _k_gan = dmd2.turn_keys(config, jnp.int32(step), turn)
     d = config.dmd2
     return {"z": np.array(jax.random.normal(k_z, shape, jnp.float32)),
             "k": int(roles.exit_step(k_exit, num_steps)),
@@ -220,8 +220,8 @@ def main():
 
     n_iters = args.warmup + args.repeats
     log(f"drawing our steps' random values for {n_iters} iterations")
-    plan = [{"generator": draws(config, i, 1, shape, len(sigmas) - 1),
-             "critic": draws(config, i, 2, shape, len(sigmas) - 1)} for i in range(n_iters)]
+    plan = [{"generator": draws(config, i, dmd2.GENERATOR_TURN, shape, len(sigmas) - 1),
+             "critic": draws(config, i, dmd2.CRITIC_TURN, shape, len(sigmas) - 1)} for i in range(n_iters)]
     turn_times = {"jax": {"generator": [], "critic": []}, "torch": {"generator": [], "critic": []}}
     counters = {"jax": 0, "torch": 0}
     steps = trainer.jitted_steps()

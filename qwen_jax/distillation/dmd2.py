@@ -40,8 +40,14 @@ sg = jax.lax.stop_gradient
 BACKBONES = ("fake", "teacher")
 
 
-def _keys(config, step, salt: int):
-    return jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step), salt), 6)
+GENERATOR_TURN, CRITIC_TURN = 1, 2
+
+
+def turn_keys(config, step, turn: int):
+    """The six keys of iteration `step`'s generator or critic turn, in this order: initial noise z,
+    exit step, backward simulation, DM timestep t, re-noising noise, GAN. A function of (seed, step,
+    turn) alone, so a resumed run and an outside replay (bench/dmd2_step.py) draw the same."""
+    return jax.random.split(jax.random.fold_in(jax.random.fold_in(jax.random.key(config.seed), step), turn), 6)
 
 
 def _gan_on(config) -> bool:
@@ -62,7 +68,7 @@ def _logits(graphdef, backbone, frozen, heads, x0, noise, sigma, text, mask, sha
 
 
 def generator_step(state, teacher, frozen, batch, *, graphdef, tx, config, sigmas, blocks):
-    k_z, k_exit, k_sim, k_t, k_noise, k_gan = _keys(config, state["step"], 1)
+    k_z, k_exit, k_sim, k_t, k_noise, k_gan = turn_keys(config, state["step"], GENERATOR_TURN)
     text, mask, shapes = batch["prompt_embeds"], batch["prompt_mask"], image_grid(batch["latents"])
     shape = pack_latents(batch["latents"]).shape
     z = jax.random.normal(k_z, shape, jnp.float32)
@@ -101,7 +107,7 @@ def generator_step(state, teacher, frozen, batch, *, graphdef, tx, config, sigma
 
 
 def critic_step(state, teacher, frozen, batch, *, graphdef, tx, schedule, config, sigmas, blocks):
-    k_z, k_exit, k_sim, k_t, k_noise, k_gan = _keys(config, state["step"], 2)
+    k_z, k_exit, k_sim, k_t, k_noise, k_gan = turn_keys(config, state["step"], CRITIC_TURN)
     text, mask, shapes = batch["prompt_embeds"], batch["prompt_mask"], image_grid(batch["latents"])
     real = pack_latents(batch["latents"].astype(jnp.float32))
     z = jax.random.normal(k_z, real.shape, jnp.float32)
