@@ -41,18 +41,25 @@ PARAM_LOGICAL_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
 )
 STACKED_PREFIX = "transformer_blocks/"
 
+MESH_AXES = ("data", "fsdp", "tensor")
+SEQUENCE_AXIS = "sequence"  # optional: only in meshes made with sequence > 1
+BATCH_AXES = ("data", "fsdp")  # the batch is split over every replica of the model
+
 # FSDP over "fsdp" and tensor parallelism over "tensor"; the layer axis is never split.
 # A tuple lists candidates in order: the first mesh axis of size > 1 that is free and divides
-# the dimension. LoRA factors ("lora_*": the kernel's axis on a factor whose other axis is the
+# the dimension. A candidate may itself be a tuple of mesh axes that split the dimension jointly
+# (those of them present with size > 1): "embed" goes over ("fsdp", "sequence"), so weights are
+# sharded over the devices that split an image's tokens too instead of being copied on each of
+# them (on meshes without a "sequence" axis this is plain "fsdp"). LoRA factors ("lora_*": the kernel's axis on a factor whose other axis is the
 # unsplit rank) fall back to "fsdp" when "tensor" is absent, or they would be replicated: rank 64
 # on Qwen-Image is 0.6 B parameters, 2.2 GB fp32 on every device for each copy of the adapters.
 DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
     ("layers", None),
-    ("embed", "fsdp"),
+    ("embed", (("fsdp", SEQUENCE_AXIS), "fsdp")),
     ("heads", "tensor"),
     ("mlp", "tensor"),
     ("modulation", "tensor"),
-    ("text_embed", "fsdp"),
+    ("text_embed", (("fsdp", SEQUENCE_AXIS), "fsdp")),
     ("lora_embed", ("fsdp",)),
     ("lora_heads", ("tensor", "fsdp")),
     ("lora_mlp", ("tensor", "fsdp")),
@@ -73,10 +80,6 @@ ACTIVATION_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 TOKENS = ("activation_batch", "activation_length", "activation_embed")  # (B, L_img, D) image stream
 TEXT_TOKENS = ("activation_batch", "activation_text_length", "activation_embed")  # (B, L_txt, D) text stream
 
-
-MESH_AXES = ("data", "fsdp", "tensor")
-SEQUENCE_AXIS = "sequence"  # optional: only in meshes made with sequence > 1
-BATCH_AXES = ("data", "fsdp")  # the batch is split over every replica of the model
 
 
 def make_mesh(data: int = 1, fsdp: int = -1, tensor: int = 1, devices=None, *, sequence: int = 1) -> Mesh:
@@ -136,14 +139,24 @@ def partition_spec(
     for name, size in zip(axes, shape):
         rule = table.get(name) if name else None
         if isinstance(rule, tuple):  # candidates: the first that is present, > 1, free and divides
-            rule = next((a for a in rule if mesh.shape.get(a, 1) > 1 and a not in used
-                         and size % mesh.shape[a] == 0), None)
+            rule = next((c for c in map(_present, rule, [mesh] * len(rule))
+                         if c and not used & set(c) and size % math.prod(mesh.shape[a] for a in c) == 0), None)
+            if rule:
+                used.update(rule)
+                spec.append(rule[0] if len(rule) == 1 else rule)
+                continue
         if rule is None or rule not in mesh.shape or rule in used or size % mesh.shape[rule]:
             spec.append(None)
         else:
             used.add(rule)
             spec.append(rule)
     return PartitionSpec(*spec)
+
+
+def _present(candidate: str | tuple[str, ...], mesh: Mesh) -> tuple[str, ...]:
+    """The mesh axes of a rule candidate (one axis or a joint group) that exist with size > 1."""
+    group = (candidate,) if isinstance(candidate, str) else candidate
+    return tuple(a for a in group if mesh.shape.get(a, 1) > 1)
 
 
 def param_shardings(

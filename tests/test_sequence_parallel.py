@@ -6,11 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from qwen_jax import flow
 from qwen_jax.models import QwenImageTransformer, TransformerConfig
 from qwen_jax.sampling import sampler
-from qwen_jax.sharding import make_mesh, place_state
+from qwen_jax.sharding import DEFAULT_RULES, make_mesh, partition_spec, place_state
 from tiny_pipeline import tiny_pipeline_dir  # noqa: F401  (session fixture)
 
 CFG = TransformerConfig.tiny()
@@ -71,6 +72,10 @@ def test_forward_matches_one_device_and_splits_tokens(split_model, name):
     assert float(jnp.max(jnp.abs(got - want))) <= TOL
     assert got.sharding.spec[1] == "sequence"  # the output stays split along image tokens
     assert "all-gather" in hlo  # the image keys/values gathered for attention
+    # the weights are split over the sequence devices too (FSDP-style), not copied on each
+    kernel = nnx.to_pure_dict(placed)["transformer_blocks"]["attn"]["to_q"]["kernel"]
+    assert kernel.sharding.spec[1] == "sequence" and kernel.addressable_shards[0].data.shape[1] == CFG.inner_dim // 8 * (
+        2 if name == "data2_sequence4" else 1)
 
 
 def test_samplers_match_one_device(split_model):
@@ -133,6 +138,11 @@ def test_mesh_with_sequence_axis():
     assert dict(make_mesh(data=2, fsdp=1, sequence=-1).shape) == {"data": 2, "fsdp": 1, "sequence": 4, "tensor": 1}
     with pytest.raises(ValueError, match="'sequence': 3"):
         make_mesh(fsdp=1, sequence=3)
+    # weights: "embed" over fsdp and sequence jointly; without a sequence axis, fsdp alone
+    axes, shape = ("layers", "embed", "heads"), (2, 64, 64)
+    assert partition_spec(axes, shape, make_mesh(fsdp=4, sequence=2), DEFAULT_RULES) == P(None, ("fsdp", "sequence"), "tensor")
+    assert partition_spec(axes, shape, make_mesh(fsdp=8), DEFAULT_RULES) == P(None, "fsdp", "tensor")
+    assert partition_spec(axes, (2, 12, 64), make_mesh(fsdp=4, sequence=2), DEFAULT_RULES)[1] == "fsdp"  # 8 does not divide 12
 
 
 def test_pipeline_on_a_sequence_mesh_gives_the_same_images(tiny_pipeline_dir):  # noqa: F811
