@@ -87,9 +87,9 @@ def test_pcm_then_dmd2_with_gan_on_schedule_teacher_untouched_resumes_and_export
     assert moved(state["params"]["fake"], teacher) and moved(state["params"]["heads"], first["trainer"].initial_heads)
 
     # resumes from the step-4 checkpoint; the GAN now reads the frozen teacher's features (same heads)
-    # at its own noise levels t' <= 0.5
+    # at its own noise levels t' <= 0.5, its heads stepping 10x faster
     result = train(load_config("dmd2", toy_base, total_steps=steps, **dmd2,
-                               **{"gan.backbone": "teacher", "gan.t_max": 0.5}),
+                               **{"gan.backbone": "teacher", "gan.t_max": 0.5, "gan.head_lr_scale": 10.0}),
                    tmp_path / "run")
     state = result["state"]
     assert int(state["step"]) == steps and adam_count(state["opt_state"]["generator"]) == math.ceil(steps / ratio)
@@ -156,7 +156,7 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
 
     for field, value, match in [("gan.backbone", "vae", "gan.backbone"), ("distill.renoise", "euler", "renoise"),
                                 ("gan.real_share", 0.5, "teacher_pool"), ("dmd2.dfake_gen_update_ratio", 0, "ratio"),
-                                ("gan.t_max", 0.01, "gan.t_max")]:
+                                ("gan.t_max", 0.01, "gan.t_max"), ("gan.head_lr_scale", 0.0, "head_lr_scale")]:
         with pytest.raises(ValueError, match=match):
             train(load_config("dmd2", toy_base, total_steps=1, **{field: value}), tmp_path / "bad")
     with pytest.raises(ValueError, match="student_init"):  # a merged export cannot seed LoRA adapters

@@ -139,6 +139,9 @@ def critic_step(state, teacher, frozen, batch, *, graphdef, tx, schedule, config
     critic = {"fake": params["fake"], "heads": params["heads"]}
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(critic)
     updates, opt_state = tx.update(grads, state["opt_state"]["critic"], critic)
+    # The heads' own step size: Adam makes their updates blind to gan.disc_weight, so this is the
+    # knob that lets a discriminator learn faster than the fake score it sits on.
+    updates = {**updates, "heads": jax.tree.map(lambda u: u * config.gan.head_lr_scale, updates["heads"])}
     critic = optax.apply_updates(critic, updates)
     new = {**state, "step": state["step"] + 1, "params": {**params, **critic},
            "opt_state": {**state["opt_state"], "critic": opt_state}}
@@ -159,6 +162,8 @@ class Trainer:
         losses.should_update_generator(0, config.dmd2.dfake_gen_update_ratio)  # validates the ratio
         roles.check_config(config)
         real_pool.check_mix(config.gan.real_share, config.gan.teacher_pool)
+        if config.gan.head_lr_scale <= 0:
+            raise ValueError(f"config.gan.head_lr_scale={config.gan.head_lr_scale}: must be > 0")
         if config.gan.t_max and not config.dmd2.t_min < config.gan.t_max <= 1.0:
             raise ValueError(f"config.gan.t_max={config.gan.t_max}: 0 (the DM loss's t) or in "
                              f"(dmd2.t_min={config.dmd2.t_min}, 1]")
