@@ -1,14 +1,14 @@
-"""`make demo`: the toy world from a fresh clone, on a CPU, in about 15 minutes.
+"""`make demo`: the toy world from a fresh clone, on a CPU, in under 10 minutes.
 
     python -m qwen_jax.toy.demo [--out runs/demo] [--seeds 2] [--retrain [--train-steps N]]
-                                [--pcm-steps 300] [--dmd2-steps 300] [--no-distill]
+                                [--pcm-steps 150] [--dmd2-steps 150] [--no-distill]
 
 1. assembles the committed teacher (`models/toy/teacher`: a trained transformer and the digest
    of the text encoder it was trained with) into a full pipeline folder `runs/demo/teacher`,
    regenerating the frozen text encoder from its seed and refusing a different one; with
    --retrain it trains the teacher first (`configs/flow_matching.py:toy`, the committed recipe);
 2. distills a 2-step student from it: the full recipe of `qwen_jax.toy.distill` (PCM warm start,
-   then DMD2 + GAN), shortened (300 + 300 iterations; --no-distill skips it);
+   then DMD2 + GAN), shortened (150 + 150 iterations; --no-distill skips it);
 3. evaluates on the 168 prompts (`qwen_jax.eval.toy`): the teacher at 50 steps with CFG, the
    teacher at 2 Euler steps (sigmas 1 -> 0.75 -> 0), the student at 2 steps without CFG;
 4. prints one table and writes `runs/demo/compare.png` (the same prompts and seeds side by side).
@@ -62,8 +62,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=2.0, help="the teacher's CFG scale")
     p.add_argument("--retrain", action="store_true", help="train the teacher instead of using models/toy/teacher")
     p.add_argument("--train-steps", type=int, help="with --retrain: fewer steps than the recipe (smoke runs)")
-    p.add_argument("--pcm-steps", type=int, default=300, help="PCM iterations of the shortened distillation")
-    p.add_argument("--dmd2-steps", type=int, default=300, help="DMD2 + GAN iterations of the shortened distillation")
+    p.add_argument("--pcm-steps", type=int, default=150, help="PCM iterations of the shortened distillation")
+    p.add_argument("--dmd2-steps", type=int, default=150, help="DMD2 + GAN iterations of the shortened distillation")
     p.add_argument("--no-distill", action="store_true", help="only the teacher, at 50 and 2 steps")
     args = p.parse_args(argv)
 
