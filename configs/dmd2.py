@@ -17,8 +17,9 @@ them for N simulated devices; docs/scaling.md has the numbers):
                 text up to 256 tokens, GAN heads on the frozen teacher.
   full_v5p32    full-weight student and fake score on 32 x TPU v5p 95 GB: FSDP 32, fp32
                 storage, EMA, batch 32 at 1328^2.
-  sample_2k     the 2-step student sampling four 2048^2 images on 8 x H100: bf16 weights in
-                FSDP 4, each image's 16,384 tokens split over 2 devices ("sequence").
+  sample_2k     the 2-step student sampling four 2048^2 images on 8 x H100: mesh FSDP 4 x
+                sequence 2, each image's 16,384 tokens split over 2 devices, the bf16 weights
+                over all 8.
 """
 
 from qwen_jax.distillation.defaults import distill_config
