@@ -21,6 +21,7 @@ from qwen_jax.models.lora import merged_kernel
 from qwen_jax.pytree import flatten_params
 from qwen_jax.train import train
 from qwen_jax.training.metrics import read_metrics, read_tensorboard
+from launch import subprocess_env
 from tiny_pipeline import tiny_pipeline_dir  # noqa: F401  (session fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,7 +76,8 @@ def cli(pipeline, images, workdir, *overrides, **popen):
     args = [sys.executable, "-m", "qwen_jax.train", f"--config={CONFIG}:tiny", f"--workdir={workdir}",
             f"--config.model.pretrained={pipeline}", f"--config.data.images={images}",
             "--config.data.buckets=32x32,48x32", *overrides]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, **popen)
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            **{"env": subprocess_env(), **popen})
 
 
 def losses(workdir) -> dict[int, float]:
