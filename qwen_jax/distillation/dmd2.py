@@ -59,7 +59,7 @@ def _gan_sigma(config, key, t):
     (real and fake noised alike: near t = 1 both are mostly noise and the heads cannot tell them apart)."""
     if not config.gan.t_max:
         return t
-    return jax.random.uniform(jax.random.fold_in(key, 1), t.shape, jnp.float32, config.dmd2.t_min, config.gan.t_max)
+    return losses.dmd_timesteps(jax.random.fold_in(key, 1), t.shape, config.dmd2.t_min, config.gan.t_max)
 
 
 def _logits(graphdef, backbone, frozen, heads, x0, noise, sigma, text, mask, shapes, blocks):

@@ -115,15 +115,19 @@ def sample(
         v = model(x_in, text, text_mask, t, img_shapes)
         if use_cfg:
             v = cfg_combine(v[:batch], v[batch:], guidance)
-        if stochastic and key.ndim:  # one key per image: its noise does not depend on the batch
-            noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], jnp.float32))(key)
-        elif stochastic:
-            noise = jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)
         if stochastic:
-            return flow.renoise_step(x, v, sigma, sigma_next, noise).astype(x.dtype)
+            return flow.renoise_step(x, v, sigma, sigma_next, _step_noise(key, i, x.shape)).astype(x.dtype)
         return flow.euler_step(x, v, sigma, sigma_next).astype(x.dtype)
 
     return jax.lax.fori_loop(0, sigmas.shape[0] - 1, step, latents)
+
+
+def _step_noise(key: jax.Array, step, shape) -> jax.Array:
+    """Step `step`'s re-noising noise: from one key for the batch, or from one key per image
+    ((B,) keys), so that an image's noise does not depend on the batch it is in."""
+    if key.ndim:
+        return jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, step), shape[1:], jnp.float32))(key)
+    return jax.random.normal(jax.random.fold_in(key, step), shape, jnp.float32)
 
 
 def latents_sharding(mesh, shape: tuple[int, ...]) -> jax.sharding.NamedSharding:
@@ -143,13 +147,16 @@ def shard_inputs(mesh, latents, text, text_mask, neg_text=None, neg_mask=None):
             put(neg_text, text_sharding), put(neg_mask, text_sharding))
 
 
+def seed_keys(seeds) -> jax.Array:
+    """(B,) typed keys, one per image from its own seed."""
+    return jax.random.wrap_key_data(jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds]))
+
+
 def renoise_keys(seeds) -> jax.Array:
     """(B,) keys for `sample(stochastic=True)`, one per image from its seed (apart from its initial noise)."""
-    return jax.random.wrap_key_data(jnp.stack([jax.random.key_data(jax.random.fold_in(jax.random.key(int(s)), 1))
-                                               for s in seeds]))
+    return jax.vmap(lambda k: jax.random.fold_in(k, 1))(seed_keys(seeds))
 
 
 def initial_noise(seeds, latent_shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """One Gaussian per image from its own seed: an image depends on its seed alone, not on the batch."""
-    keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
-    return jax.vmap(lambda k: jax.random.normal(jax.random.wrap_key_data(k), latent_shape, dtype))(keys)
+    return jax.vmap(lambda k: jax.random.normal(k, latent_shape, dtype))(seed_keys(seeds))
