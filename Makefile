@@ -18,8 +18,10 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m qwen_jax.toy.demo --out runs/demo
 
+# Two workers, each taking whole files (module fixtures are built once): the suite is mostly
+# single-threaded XLA compiles, so this roughly halves its time on two cores.
 test: install
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -n 2 --dist loadfile
 
 bench: install
 	$(PY) bench/forward.py
