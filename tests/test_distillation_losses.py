@@ -137,6 +137,42 @@ def test_gan_losses():
         L.gan_generator_loss(f, "wasserstein")
 
 
+def test_projection_heads_judge_the_caption():
+    from qwen_jax.distillation import heads as H
+
+    rng = np.random.default_rng(0)
+    features = tuple(jnp.asarray(rng.standard_normal((3, 5, 16)), jnp.float32) for _ in range(2))
+    text = jnp.asarray(rng.standard_normal((3, 4, 8)) * 30.0, jnp.float32)
+    mask = jnp.array([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0]])
+    plain, proj = H.init_heads(jax.random.key(0), 16, 2), H.init_heads(jax.random.key(0), 16, 2, text_width=8)
+    e = H.pooled_text(text, mask)
+    # the mean over valid tokens only, normalised (padding never leaks in)
+    row1 = np.asarray(text[1, :2]).mean(0)
+    np.testing.assert_allclose(e[1], (row1 - row1.mean()) / np.sqrt(row1.var() + 1e-6), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(H.pooled_text(text.at[1, 2:].set(1e4), mask), e, rtol=1e-6)
+    # zero projection at start: the plain heads' logits
+    np.testing.assert_allclose(H.logits(proj, features, e), H.logits(plain, features), rtol=1e-6)
+    with pytest.raises(ValueError, match="text"):
+        H.logits(proj, features)
+
+    # trained to call (image, its caption) real and (image, another caption) fake, only the
+    # projection can tell them apart: the plain term sees the same image in both
+    swapped = jnp.roll(e, 1, axis=0)
+
+    def loss(p):
+        return L.gan_discriminator_loss(H.logits(p, features, e), H.logits(p, features, swapped))
+
+    tx = optax.adam(1e-2)
+    opt = tx.init(proj)
+    start = loss(proj)
+    for _ in range(100):
+        grads = jax.grad(loss)(proj)
+        updates, opt = tx.update(grads, opt)
+        proj = optax.apply_updates(proj, updates)
+    assert loss(proj) < 0.2 * start
+    assert float(jnp.abs(proj["0"]["proj"]).max()) > 0
+
+
 def test_pseudo_huber():
     np.testing.assert_allclose(L.pseudo_huber(jnp.array([0.0, 3.0, 4.0]), jnp.zeros(3), c=1.0),
                                (math.sqrt(10) - 1 + math.sqrt(17) - 1) / 3, rtol=1e-6)

@@ -145,10 +145,13 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
     from qwen_jax.conversion.errors import ConversionError
 
     # the real config's shape: LoRA student and fake score on one frozen base (the teacher = base)
-    # ... with half of the GAN's real pool made of teacher samples
+    # ... with half of the GAN's real pool made of teacher samples, and caption-projection heads
     pool = _teacher_pool(tmp_path / "pool")
     lora = train(load_config("dmd2", toy_base, total_steps=1, **{"model.lora_rank": 4, "gan.real_share": 0.5,
-                                                                  "gan.teacher_pool": str(pool)}), tmp_path / "lora")
+                                                                  "gan.teacher_pool": str(pool), "gan.projection": True}),
+                 tmp_path / "lora")
+    assert all("proj" in head for head in lora["state"]["params"]["heads"].values())
+    assert moved(lora["state"]["params"]["heads"], lora["trainer"].initial_heads)
     assert all(k[-1] in ("lora_a", "lora_b") for k in flat(lora["state"]["params"]["generator"]))
     assert not any(np.any(v) for k, v in flat(lora["trainer"].teacher).items() if k[-1] == "lora_b")
     assert moved(lora["state"]["params"]["generator"], lora["trainer"].teacher)

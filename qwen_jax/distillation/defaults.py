@@ -41,9 +41,10 @@ def distill_config(objective: str, variant: str = "qwen_image") -> ml_collection
         # `t_max` > 0: the GAN noises real and fake to its own t' ~ U[dmd2.t_min, t_max] rather than
         # the DM loss's t (0: the same t, as DMD2). `head_lr_scale`: the heads' learning rate over
         # critic_optim.lr (Adam ignores the loss weight, so this sets how fast they learn).
+        # `projection`: the heads also judge each image against its caption (`heads.py`).
         c.gan = ml_collections.ConfigDict(dict(
             gen_weight=5e-3, disc_weight=1e-2, backbone="fake", blocks=(0.5, 0.75, 1.0), kind="softplus",
-            real_share=1.0, teacher_pool="", t_max=0.0, head_lr_scale=1.0))
+            real_share=1.0, teacher_pool="", t_max=0.0, head_lr_scale=1.0, projection=False))
         c.optim.update(b1=0.0, grad_clip=10.0)
     # `python -m qwen_jax.plan`: the jobs it compiles, the device memory they must fit (GiB, 0:
     # unknown), the sampling job's size (2-step student, no CFG) and its "sequence" mesh axis

@@ -64,7 +64,8 @@ def _gan_sigma(config, key, t):
 
 def _logits(graphdef, backbone, frozen, heads, x0, noise, sigma, text, mask, shapes, blocks):
     x_t = flow.add_noise(x0, noise, sigma)  # diffusion-GAN: real and fake noised to the same t'
-    return heads_lib.logits(heads, roles.features(graphdef, backbone, frozen, x_t, sigma, text, mask, shapes, blocks))
+    features = roles.features(graphdef, backbone, frozen, x_t, sigma, text, mask, shapes, blocks)
+    return heads_lib.logits(heads, features, heads_lib.pooled_text(text, mask))
 
 
 def generator_step(state, teacher, frozen, batch, *, graphdef, tx, config, sigmas, blocks):
@@ -174,7 +175,8 @@ class Trainer:
         model_config = state_lib.merge_model(graphdef, params, frozen).config  # a view: nothing is copied
         self.blocks = heads_lib.blocks_at(config.gan.blocks, model_config.num_layers) if _gan_on(config) else ()
         width = model_config.num_attention_heads * model_config.attention_head_dim
-        heads = heads_lib.init_heads(jax.random.key(config.seed + 1), width, len(self.blocks))
+        heads = heads_lib.init_heads(jax.random.key(config.seed + 1), width, len(self.blocks),
+                                     model_config.joint_attention_dim if config.gan.projection else 0)
         self.initial_heads = heads
         self.params = {"generator": roles.initial_student(config, params, mesh), "fake": params, "heads": heads}
         self.gen_tx, self.schedule = optim.make_optimizer(config.optim, config.total_steps)

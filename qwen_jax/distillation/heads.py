@@ -5,9 +5,18 @@ There is no UNet bottleneck in a DiT, so each chosen block's image-token hidden 
 token, averaged over tokens: one logit per image per head, summed over heads. Per-token heads
 work at any resolution and aspect ratio (PCM's SD3 discriminator and SANA-Sprint do the same).
 
-Parameters are a plain dict {"<i>": {"w1", "b1", "w2", "b2"}} in float32, replicated (three heads
-at width 3072: 113 MB, 340 MB with Adam's moments; `dmd2.py` says why they are not split). The
-backbone (fake score or frozen teacher) is chosen by the caller.
+With a text width (`gan.projection`), each head also judges the image *for its caption*: a
+projection discriminator (Miyato & Koyama 2018) adds <mean_tokens(h), P e> to its logit, where h
+is the head's hidden layer and e the prompt states averaged over the mask, layer-normalised
+(text-encoder states can be large, and the projection's step size should not depend on them).
+The backbone's features already see the caption through joint attention, but a head that only
+pools them can call an image of the wrong shape real; the projection makes the caption part of
+the test.
+
+Parameters are a plain dict {"<i>": {"w1", "b1", "w2", "b2"[, "proj"]}} in float32, replicated
+(three heads at width 3072: 113 MB, 340 MB with Adam's moments; projections from the 3584-wide
+text add 132 MB, 396 MB; `dmd2.py` says why they are not split). The backbone (fake score or
+frozen teacher) is chosen by the caller.
 """
 
 from __future__ import annotations
@@ -24,7 +33,9 @@ def blocks_at(fractions, num_layers: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def init_heads(key: jax.Array, width: int, count: int) -> dict:
+def init_heads(key: jax.Array, width: int, count: int, text_width: int = 0) -> dict:
+    """`count` heads on features of `width`; text_width > 0 adds each head's projection P
+    (text_width, width), zero at start so a new projection head begins as the plain one."""
     heads = {}
     for i, k in enumerate(jax.random.split(key, count)):
         k1, k2 = jax.random.split(k)
@@ -32,11 +43,22 @@ def init_heads(key: jax.Array, width: int, count: int) -> dict:
                          "b1": jnp.zeros((width,), jnp.float32),
                          "w2": jax.random.normal(k2, (width, 1), jnp.float32) / jnp.sqrt(width),
                          "b2": jnp.zeros((1,), jnp.float32)}
+        if text_width:
+            heads[str(i)]["proj"] = jnp.zeros((text_width, width), jnp.float32)
     return heads
 
 
-def logits(heads: dict, features: tuple[jax.Array, ...]) -> jax.Array:
-    """(B,) logits: the sum over heads of each head's mean per-token logit."""
+def pooled_text(text: jax.Array, mask: jax.Array) -> jax.Array:
+    """(B, T, D_txt) prompt states, (B, T) mask -> (B, D_txt) float32: the mean over the valid
+    tokens, normalised to zero mean and unit variance over D_txt."""
+    m = mask.astype(jnp.float32)[..., None]
+    e = (text.astype(jnp.float32) * m).sum(1) / jnp.maximum(m.sum(1), 1.0)
+    return (e - e.mean(-1, keepdims=True)) * jax.lax.rsqrt(e.var(-1, keepdims=True) + 1e-6)
+
+
+def logits(heads: dict, features: tuple[jax.Array, ...], text: jax.Array | None = None) -> jax.Array:
+    """(B,) logits: the sum over heads of each head's mean per-token logit, plus its projection
+    term on `text` ((B, D_txt) from `pooled_text`) for heads that have one."""
     if len(features) != len(heads):
         raise ValueError(f"{len(features)} feature maps for {len(heads)} heads")
     total = 0.0
@@ -46,4 +68,8 @@ def logits(heads: dict, features: tuple[jax.Array, ...]) -> jax.Array:
         f = (f - f.mean(-1, keepdims=True)) * jax.lax.rsqrt(f.var(-1, keepdims=True) + 1e-6)
         h = jax.nn.silu(f @ p["w1"] + p["b1"])
         total = total + jnp.mean((h @ p["w2"] + p["b2"])[..., 0], axis=-1)
+        if "proj" in p:
+            if text is None:
+                raise ValueError("projection heads need the pooled prompt states (text=)")
+            total = total + jnp.sum(h.mean(1) * (text.astype(jnp.float32) @ p["proj"]), axis=-1)
     return total
