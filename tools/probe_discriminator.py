@@ -8,7 +8,9 @@ and draws as many real images for the same 168 prompts, then trains fresh discri
 (`distillation/heads.py`) on the frozen teacher's block features of both, noised to t' ~ U[t_min,
 t_max], and prints held-out accuracy and the real-fake logit gap. Nothing else trains, so it
 separates "are the two distinguishable through these features" from the training dynamics
-(docs/distillation.md, "Making the discriminator learn").
+(docs/distillation.md, "Making the discriminator learn"). --projection gives the heads a caption
+projection (gan.projection); --mismatched F replaces a share F of the fakes by real images under
+another prompt's caption, a test only the caption can pass.
 """
 
 from __future__ import annotations
