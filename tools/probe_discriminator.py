@@ -35,13 +35,12 @@ from qwen_jax.training.state import split_trainable
 
 
 def pooled_logits(heads, features, pool: str, text=None):
+    """The heads' per-token logits pooled by mean (the trainer's `heads.logits`), max or log-mean-exp."""
     if pool == "mean":
         return heads_lib.logits(heads, features, text)
     total = 0.0
-    for i, f in enumerate(features):  # the heads' own per-token logits, pooled otherwise
-        p = heads[str(i)]
-        f = (f - f.mean(-1, keepdims=True)) * jax.lax.rsqrt(f.var(-1, keepdims=True) + 1e-6)
-        tokens = (jax.nn.silu(f @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"])[..., 0]
+    for i, f in enumerate(features):
+        tokens = heads_lib.token_logits(heads[str(i)], f, text)
         total = total + (tokens.max(-1) if pool == "max" else jax.nn.logsumexp(tokens, -1) - jnp.log(tokens.shape[-1]))
     return total
 

@@ -56,20 +56,23 @@ def pooled_text(text: jax.Array, mask: jax.Array) -> jax.Array:
     return (e - e.mean(-1, keepdims=True)) * jax.lax.rsqrt(e.var(-1, keepdims=True) + 1e-6)
 
 
+def token_logits(head: dict, features: jax.Array, text: jax.Array | None = None) -> jax.Array:
+    """(B, L) per-token logits of one head on its (B, L, D) feature map; a projection head adds its
+    caption term (the same for every token) from `text` ((B, D_txt), `pooled_text`)."""
+    f = features.astype(jnp.float32)
+    f = (f - f.mean(-1, keepdims=True)) * jax.lax.rsqrt(f.var(-1, keepdims=True) + 1e-6)
+    h = jax.nn.silu(f @ head["w1"] + head["b1"])
+    out = (h @ head["w2"] + head["b2"])[..., 0]
+    if "proj" in head:
+        if text is None:
+            raise ValueError("projection heads need the pooled prompt states (text=)")
+        # <mean_tokens(h), P e> = mean over tokens of <h, P e>: added per token, it pools the same
+        out = out + jnp.einsum("bld,bd->bl", h, text.astype(jnp.float32) @ head["proj"])
+    return out
+
+
 def logits(heads: dict, features: tuple[jax.Array, ...], text: jax.Array | None = None) -> jax.Array:
-    """(B,) logits: the sum over heads of each head's mean per-token logit, plus its projection
-    term on `text` ((B, D_txt) from `pooled_text`) for heads that have one."""
+    """(B,) logits: the sum over heads of each head's mean per-token logit (`token_logits`)."""
     if len(features) != len(heads):
         raise ValueError(f"{len(features)} feature maps for {len(heads)} heads")
-    total = 0.0
-    for i, f in enumerate(features):
-        p = heads[str(i)]
-        f = f.astype(jnp.float32)
-        f = (f - f.mean(-1, keepdims=True)) * jax.lax.rsqrt(f.var(-1, keepdims=True) + 1e-6)
-        h = jax.nn.silu(f @ p["w1"] + p["b1"])
-        total = total + jnp.mean((h @ p["w2"] + p["b2"])[..., 0], axis=-1)
-        if "proj" in p:
-            if text is None:
-                raise ValueError("projection heads need the pooled prompt states (text=)")
-            total = total + jnp.sum(h.mean(1) * (text.astype(jnp.float32) @ p["proj"]), axis=-1)
-    return total
+    return sum(jnp.mean(token_logits(heads[str(i)], f, text), axis=-1) for i, f in enumerate(features))
