@@ -45,6 +45,18 @@ _DEVICES = flags.DEFINE_integer("devices", 8, "simulated devices (fake CPU devic
 _ONLY = flags.DEFINE_list("only", [], f"jobs to compile, from {JOBS} (default: those the config names)")
 _TEXT = flags.DEFINE_integer("text_tokens", 0, "text length to plan for (default: data.max_sequence_length)")
 _JSON = flags.DEFINE_string("json", "", "also write the results as JSON lines to this file")
+_CPU_HOISTING = flags.DEFINE_bool(
+    "cpu_hoisting", False, "compile with XLA:CPU's loop-invariant code motion on (its default), which hoists"
+    " fp32 copies of whole bf16 weight stacks out of the layer loops (see ACCELERATOR_LIKE)")
+
+# XLA:CPU has no native bf16 matmul: it converts bf16 dot operands to fp32, and its
+# while-loop-invariant code motion then rewrites convert(dynamic-slice(stack)) in the scanned
+# layer loop as a slice of convert(stack), hoisted out of the loop: a fp32 copy of every weight
+# stack, live for the whole loop (f32[60, 3072, 12288] beside its bf16 original). GPU and TPU
+# compilers multiply bf16 natively, so there is nothing for that pass to hoist there. The plan
+# switches the pass off for its CPU compile, so the memory it reads is the accelerator program's
+# and not this artifact (`--cpu_hoisting` keeps the CPU default; `docs/scaling.md` shows both).
+ACCELERATOR_LIKE = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 def _set_device_count(n: int) -> None:
@@ -157,10 +169,10 @@ def _flops(compiled) -> float | None:
 
 
 def compile_job(name: str, fn, args: tuple, floor_activations: int, hbm_gib: float, analytic_flops: float,
-                devices: int, num_layers: int) -> dict:
+                devices: int, num_layers: int, compiler_options: dict | None = None) -> dict:
     """Lowers and compiles `fn(*args)` (abstract args), returns the row printed for the job."""
     start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    compiled = fn.lower(*args).compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
     mem = _memory(compiled)
     args_total = _sizeof(args)
@@ -169,7 +181,7 @@ def compile_job(name: str, fn, args: tuple, floor_activations: int, hbm_gib: flo
            "compiled_gib": {k: round(v / GIB, 3) for k, v in mem.items()},
            "arguments_per_device_gib": round(_per_device(args) / GIB, 3),
            "floor_gib": round(floor / GIB, 3), "floor_arguments_gib": round(args_total / devices / GIB, 3),
-           "floor_activations_gib": round(floor_activations / GIB, 3)}
+           "floor_activations_gib": round(floor_activations / GIB, 3), "compiler_options": compiler_options or {}}
     if mem:
         # Judged on the CPU compile's peak: an upper bound, since XLA:CPU also holds fp32 copies
         # of weight stacks (reported apart, but not subtracted: not all of them are live at once).
@@ -222,7 +234,7 @@ def _batch(config, mesh, text_tokens: int, negative: bool) -> dict:
             for k, (shape, dtype) in spec.items()}
 
 
-def plan_dmd2(config, mesh, text_tokens: int, jobs) -> list[dict]:
+def plan_dmd2(config, mesh, text_tokens: int, jobs, compiler_options: dict | None = None) -> list[dict]:
     import jax
 
     from qwen_jax.distillation import dmd2
@@ -257,11 +269,11 @@ def plan_dmd2(config, mesh, text_tokens: int, jobs) -> list[dict]:
         with jax.set_mesh(mesh):  # as train.py runs the steps: activations follow the mesh's rules
             rows.append(compile_job(name, steps[name], (state, trainer.teacher, frozen, batch),
                                     activation_bytes(cfg, work) + grads, config.plan.hbm_gib, flops, mesh.size,
-                                    cfg.num_layers))
+                                    cfg.num_layers, compiler_options))
     return rows
 
 
-def plan_sample(config, mesh, text_tokens: int) -> dict:
+def plan_sample(config, mesh, text_tokens: int, compiler_options: dict | None = None) -> dict:
     """The 2-step student sampler (no CFG) on `plan.sample_batch` images of `plan.sample_resolution`,
     image tokens split over the mesh's "sequence" axis when it has one (`sampling/sampler.py`)."""
     import jax
@@ -294,7 +306,7 @@ def plan_sample(config, mesh, text_tokens: int) -> dict:
     act = activation_bytes(cfg, work)
     with jax.set_mesh(mesh):
         return compile_job("sample", fn, (model_state, latents, sigmas, times, text, mask), act,
-                           config.plan.hbm_gib, flops, mesh.size, cfg.num_layers)
+                           config.plan.hbm_gib, flops, mesh.size, cfg.num_layers, compiler_options)
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -337,11 +349,12 @@ def main(argv) -> int:
         print(f"error: --devices {_DEVICES.value}: {e}", file=sys.stderr)
         return 2
     print(f"mesh {dict(mesh.shape)} of {len(jax.devices())} simulated devices; text {text_tokens} tokens", flush=True)
+    options = None if _CPU_HOISTING.value else ACCELERATOR_LIKE
     rows = []
     if {"generator", "critic"} & set(jobs):
-        rows += plan_dmd2(config, mesh, text_tokens, jobs)
+        rows += plan_dmd2(config, mesh, text_tokens, jobs, options)
     if "sample" in jobs:
-        rows.append(plan_sample(config, mesh, text_tokens))
+        rows.append(plan_sample(config, mesh, text_tokens, options))
     print(format_rows(rows))
     for r in rows:
         print(json.dumps(r))

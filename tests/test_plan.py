@@ -46,3 +46,27 @@ def test_plan_refuses_bad_flags(tmp_path):
     assert proc.returncode != 0 and "needs 8 devices, found 6" in proc.stderr
     proc, _ = run_plan(tmp_path, "--config=configs/dmd2.py", "--only=train", "--devices=2")
     assert proc.returncode != 0 and "--only" in proc.stderr
+
+
+def test_accelerator_like_compile_drops_the_cpu_fp32_weight_stacks():
+    # XLA:CPU converts bf16 dot operands to fp32 and, with loop-invariant code motion on, hoists
+    # that conversion of the whole scanned weight stack out of the loop. The plan compiles with
+    # the pass off; the regex that measures the artifact must see it only with the pass on.
+    import jax
+    import jax.numpy as jnp
+
+    from qwen_jax.plan import ACCELERATOR_LIKE, cpu_upcast_bytes
+
+    layers, width = 6, 256
+
+    def loss(stack, x):
+        h, _ = jax.lax.scan(jax.checkpoint(lambda h, w: (jnp.tanh(h @ w), None)), x, stack)
+        return jnp.sum(h.astype(jnp.float32))
+
+    args = (jax.ShapeDtypeStruct((layers, width, width), jnp.bfloat16), jax.ShapeDtypeStruct((64, width), jnp.bfloat16))
+    lowered = jax.jit(jax.grad(loss)).lower(*args)
+    hoisting, accelerator_like = lowered.compile(), lowered.compile(compiler_options=ACCELERATOR_LIKE)
+    assert cpu_upcast_bytes(hoisting, layers) >= 4 * layers * width * width
+    assert cpu_upcast_bytes(accelerator_like, layers) == 0
+    temps = [c.memory_analysis().temp_size_in_bytes for c in (hoisting, accelerator_like)]
+    assert temps[1] < temps[0] - 2 * layers * width * width, temps
