@@ -6,12 +6,16 @@
 
 Nothing is allocated: the transformer is built abstractly (`jax.ShapeDtypeStruct` leaves carrying
 their NamedShardings), the objective's train state is derived with `eval_shape`, and each job is
-lowered and compiled for `--devices` fake CPU devices. For every job it prints, per device:
+lowered and compiled for `--devices` fake CPU devices, with XLA:CPU's loop-invariant code motion
+off (`ACCELERATOR_LIKE`: on CPU it hoists fp32 copies of whole bf16 weight stacks that GPU and
+TPU compilers never make; `--cpu_hoisting` keeps it). For every job it prints, per device:
 
   compiled   XLA's memory analysis: arguments, outputs, temporaries, and the peak they imply
              (arguments + outputs - aliased (donated) + temporaries);
   floor      the analytic floor: every argument's bytes divided by the device count (what a
-             perfect FSDP split would hold) plus the activations we estimate (`activation_bytes`);
+             perfect FSDP split would hold), plus the activations we estimate (`activation_bytes`),
+             plus one block's weights as FSDP gathers them and, for what a job trains, that
+             block's weight gradient before its reduce-scatter (`gathered_block_bytes`);
   ratio      compiled peak / floor (goal <= 1.3), and the fit against the hardware's memory
              (`--hbm-gib`, from the config's `plan.hbm_gib`; goal: 10 % or more to spare);
   flops      XLA's cost analysis of the per-device program beside our analytic count.
@@ -118,6 +122,32 @@ def activation_bytes(cfg, w: Workload) -> int:
     return w.grad_passes * per_pass + 2 * working
 
 
+def gathered_block_bytes(cfg, mesh, *trees) -> int:
+    """Bytes of one block's weights in the compute dtype, as a device holds them while it runs it.
+
+    Weights split over "fsdp" (and "sequence") are all-gathered one block at a time inside the
+    layer scan, so every FSDP program holds one whole block (split only over "tensor") beside its
+    own shard; a backward holds the whole block's weight gradient too, before the reduce-scatter
+    (callers pass the trainable tree for that). Nothing is gathered where weights are not split.
+    """
+    tensor = dict(mesh.shape).get("tensor", 1)
+    if mesh.size // tensor <= 1:
+        return 0
+    per_layer = 0
+    for path, x in _flat_with_paths(trees):
+        if "transformer_blocks" in path and x.shape and x.shape[0] == cfg.num_layers:
+            per_layer += math.prod(x.shape[1:])
+    return per_layer * np.dtype(cfg.dtype).itemsize // tensor
+
+
+def _flat_with_paths(trees):
+    import jax
+
+    for tree in trees:
+        for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            yield "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys), leaf
+
+
 def transformer_flops(cfg, w: Workload) -> float:
     """Matmul FLOPs of one forward over the batch: 2 x (block matmul parameters) x tokens per block,
     plus attention 4 x L^2 x D; a backward costs twice the forward (three times in all), and full
@@ -169,19 +199,20 @@ def _flops(compiled) -> float | None:
 
 
 def compile_job(name: str, fn, args: tuple, floor_activations: int, hbm_gib: float, analytic_flops: float,
-                devices: int, num_layers: int, compiler_options: dict | None = None) -> dict:
+                devices: int, num_layers: int, compiler_options: dict | None = None, floor_gathered: int = 0) -> dict:
     """Lowers and compiles `fn(*args)` (abstract args), returns the row printed for the job."""
     start = time.perf_counter()
     compiled = fn.lower(*args).compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
     mem = _memory(compiled)
     args_total = _sizeof(args)
-    floor = args_total / devices + floor_activations
+    floor = args_total / devices + floor_activations + floor_gathered
     row = {"job": name, "devices": devices, "compile_s": round(seconds, 1),
            "compiled_gib": {k: round(v / GIB, 3) for k, v in mem.items()},
            "arguments_per_device_gib": round(_per_device(args) / GIB, 3),
            "floor_gib": round(floor / GIB, 3), "floor_arguments_gib": round(args_total / devices / GIB, 3),
-           "floor_activations_gib": round(floor_activations / GIB, 3), "compiler_options": compiler_options or {}}
+           "floor_activations_gib": round(floor_activations / GIB, 3),
+           "floor_gathered_gib": round(floor_gathered / GIB, 3), "compiler_options": compiler_options or {}}
     if mem:
         # Judged on the CPU compile's peak: an upper bound, since XLA:CPU also holds fp32 copies
         # of weight stacks (reported apart, but not subtracted: not all of them are live at once).
@@ -266,10 +297,12 @@ def plan_dmd2(config, mesh, text_tokens: int, jobs, compiler_options: dict | Non
         fwd = transformer_flops(cfg, dataclasses.replace(work, batch=config.data.batch_size))
         flops = fwd * (forwards + passes * (4 if cfg.remat != "none" else 3))
         grads = _sizeof(trainable[name]) // mesh.size  # the gradient tree, split like its parameters
+        # one block of the weights the job runs, gathered, and of what it trains, its gradient
+        gathered = gathered_block_bytes(cfg, mesh, params, frozen) + gathered_block_bytes(cfg, mesh, trainable[name])
         with jax.set_mesh(mesh):  # as train.py runs the steps: activations follow the mesh's rules
             rows.append(compile_job(name, steps[name], (state, trainer.teacher, frozen, batch),
                                     activation_bytes(cfg, work) + grads, config.plan.hbm_gib, flops, mesh.size,
-                                    cfg.num_layers, compiler_options))
+                                    cfg.num_layers, compiler_options, gathered))
     return rows
 
 
@@ -306,7 +339,8 @@ def plan_sample(config, mesh, text_tokens: int, compiler_options: dict | None = 
     act = activation_bytes(cfg, work)
     with jax.set_mesh(mesh):
         return compile_job("sample", fn, (model_state, latents, sigmas, times, text, mask), act,
-                           config.plan.hbm_gib, flops, mesh.size, cfg.num_layers, compiler_options)
+                           config.plan.hbm_gib, flops, mesh.size, cfg.num_layers, compiler_options,
+                           gathered_block_bytes(cfg, mesh, params, frozen))
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -33,6 +33,10 @@ def test_plan_compiles_dmd2_steps_and_sharded_sampling(tmp_path):
         # nothing replicated (GAN off: its heads are): adapters, their Adam moments, the frozen base
         assert r["arguments_per_device_gib"] < 1.05 * r["floor_arguments_gib"]
         assert r["ratio_to_floor"] > 0 and r["hbm_gib"] == 80.0 and r["flops_xla"] > 0
+        # the floor: an FSDP split of the arguments, our activations, one gathered block (weights split 8 ways)
+        parts = r["floor_arguments_gib"] + r["floor_activations_gib"] + r["floor_gathered_gib"]
+        assert r["floor_gathered_gib"] > 0 and abs(r["floor_gib"] - parts) < 0.005
+        assert r["compiler_options"] == {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
     assert "ratio" in proc.stdout and "generator" in proc.stdout
 
     proc, rows = run_plan(tmp_path, "--config=configs/dmd2.py:sample_2k", "--config.plan.layers=1",
