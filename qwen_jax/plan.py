@@ -33,13 +33,14 @@ import dataclasses
 import functools
 import json
 import math
-import re
 import sys
 import time
 
 import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
+
+from qwen_jax.xla_memory import ACCELERATOR_LIKE, compiled_memory, cpu_upcast_bytes
 
 GIB = 1024 ** 3
 JOBS = ("generator", "critic", "sample")
@@ -53,14 +54,6 @@ _CPU_HOISTING = flags.DEFINE_bool(
     "cpu_hoisting", False, "compile with XLA:CPU's loop-invariant code motion on (its default), which hoists"
     " fp32 copies of whole bf16 weight stacks out of the layer loops (see ACCELERATOR_LIKE)")
 
-# XLA:CPU has no native bf16 matmul: it converts bf16 dot operands to fp32, and its
-# while-loop-invariant code motion then rewrites convert(dynamic-slice(stack)) in the scanned
-# layer loop as a slice of convert(stack), hoisted out of the loop: a fp32 copy of every weight
-# stack, live for the whole loop (f32[60, 3072, 12288] beside its bf16 original). GPU and TPU
-# compilers multiply bf16 natively, so there is nothing for that pass to hoist there. The plan
-# switches the pass off for its CPU compile, so the memory it reads is the accelerator program's
-# and not this artifact (`--cpu_hoisting` keeps the CPU default; `docs/scaling.md` shows both).
-ACCELERATOR_LIKE = {"xla_disable_hlo_passes": "while-loop-invariant-code-motion"}
 
 
 def _set_device_count(n: int) -> None:
@@ -160,37 +153,6 @@ def transformer_flops(cfg, w: Workload) -> float:
     return cfg.num_layers * block
 
 
-def _memory(compiled) -> dict:
-    m = compiled.memory_analysis()
-    if m is None:
-        return {}
-    out = {"arguments": m.argument_size_in_bytes, "outputs": m.output_size_in_bytes,
-           "aliased": m.alias_size_in_bytes, "temporaries": m.temp_size_in_bytes}
-    out["peak"] = out["arguments"] + out["outputs"] - out["aliased"] + out["temporaries"]
-    return out
-
-
-_UPCAST = re.compile(r"ROOT %convert[\w.]* = f32\[(\d+(?:,\d+)*)\]\{[^}]*\} convert\(")
-
-
-def cpu_upcast_bytes(compiled, num_layers: int) -> int:
-    """Bytes of the fp32 copies XLA:CPU makes of stacked (layer-first) weights before layer loops.
-
-    The CPU backend has no native bf16 matmul: it converts bf16 dot operands to fp32, and for the
-    scanned weights it converts whole stacks at once. GPU and TPU compilers multiply bf16
-    natively, so these buffers are an artifact of planning on a CPU. Counted from the optimised
-    HLO: fused computations whose root converts a stack of `num_layers` layers to f32. Forward
-    and backward loops convert separately and are not all live at the peak, so this bounds the
-    artifact's share of the peak from above; the plan reports it and does not subtract it.
-    """
-    total = 0
-    for match in _UPCAST.finditer(compiled.as_text()):
-        dims = [int(d) for d in match.group(1).split(",")]
-        if dims[0] == num_layers and len(dims) > 1:
-            total += 4 * math.prod(dims)
-    return total
-
-
 def _flops(compiled) -> float | None:
     cost = compiled.cost_analysis()
     if isinstance(cost, (list, tuple)):
@@ -204,7 +166,7 @@ def compile_job(name: str, fn, args: tuple, floor_activations: int, hbm_gib: flo
     start = time.perf_counter()
     compiled = fn.lower(*args).compile(compiler_options=compiler_options)
     seconds = time.perf_counter() - start
-    mem = _memory(compiled)
+    mem = compiled_memory(compiled)
     args_total = _sizeof(args)
     floor = args_total / devices + floor_activations + floor_gathered
     row = {"job": name, "devices": devices, "compile_s": round(seconds, 1),

@@ -59,7 +59,7 @@ def test_accelerator_like_compile_drops_the_cpu_fp32_weight_stacks():
     import jax
     import jax.numpy as jnp
 
-    from qwen_jax.plan import ACCELERATOR_LIKE, cpu_upcast_bytes
+    from qwen_jax.xla_memory import ACCELERATOR_LIKE, cpu_upcast_bytes
 
     layers, width = 6, 256
 
