@@ -70,10 +70,12 @@ def _xla_forward(q, k, v, kv_mask):
     def one_head(qkv):
         qh, kh, vh = qkv  # (B, S, Dh)
         logits = _head_logits(qh, kh, kv_mask)
-        lse = jax.nn.logsumexp(logits, axis=-1)
-        probs = jnp.exp(logits - lse[..., None]).astype(vh.dtype)
+        row_max = jnp.max(logits, axis=-1, keepdims=True)
+        unnormalised = jnp.exp(logits - row_max)  # one exp per logit, as softmax does
+        row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
+        probs = (unnormalised / row_sum).astype(vh.dtype)
         out = jnp.einsum("bqk,bkd->bqd", probs, vh, preferred_element_type=jnp.float32).astype(q.dtype)
-        return out, lse
+        return out, (row_max + jnp.log(row_sum))[..., 0]
 
     out, lse = jax.lax.map(one_head, _heads_first(q, k, v))
     return jnp.moveaxis(out, 0, 2), lse
