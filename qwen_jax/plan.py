@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import sys
 import time
 
@@ -354,9 +355,11 @@ def main(argv) -> int:
     print(format_rows(rows))
     for r in rows:
         print(json.dumps(r))
-    if _JSON.value:
-        with open(_JSON.value, "w") as f:
+    if _JSON.value:  # written whole or not at all
+        tmp = f"{_JSON.value}.tmp"
+        with open(tmp, "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)
+        os.replace(tmp, _JSON.value)
     return 0
 
 
