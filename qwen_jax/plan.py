@@ -56,7 +56,6 @@ _CPU_HOISTING = flags.DEFINE_bool(
     " fp32 copies of whole bf16 weight stacks out of the layer loops (see ACCELERATOR_LIKE)")
 
 
-
 def _set_device_count(n: int) -> None:
     """Fake CPU devices; must run before jax creates its backend (the first device query)."""
     import jax
@@ -178,7 +177,8 @@ def compile_job(name: str, fn, args: tuple, floor_activations: int, hbm_gib: flo
            "floor_gathered_gib": round(floor_gathered / GIB, 3), "compiler_options": compiler_options or {}}
     if mem:
         # Judged on the CPU compile's peak: an upper bound, since XLA:CPU also holds fp32 copies
-        # of weight stacks (reported apart, but not subtracted: not all of them are live at once).
+        # of bf16 weights inside the layer loops, and of whole stacks where code motion is on
+        # (those are reported apart, but not subtracted: not all of them are live at once).
         row["cpu_upcast_gib"] = round(cpu_upcast_bytes(compiled, num_layers) / GIB, 3)
         row["ratio_to_floor"] = round(mem["peak"] / floor, 3)
         if hbm_gib:
