@@ -41,6 +41,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
+from qwen_jax.pytree import flatten_params
 from qwen_jax.xla_memory import ACCELERATOR_LIKE, compiled_memory, cpu_upcast_bytes
 
 GIB = 1024 ** 3
@@ -126,19 +127,9 @@ def gathered_block_bytes(cfg, mesh, *trees) -> int:
     tensor = dict(mesh.shape).get("tensor", 1)
     if mesh.size // tensor <= 1:
         return 0
-    per_layer = 0
-    for path, x in _flat_with_paths(trees):
-        if "transformer_blocks" in path and x.shape and x.shape[0] == cfg.num_layers:
-            per_layer += math.prod(x.shape[1:])
+    per_layer = sum(math.prod(x.shape[1:]) for tree in trees for path, x in flatten_params(tree).items()
+                    if "transformer_blocks" in path and x.shape and x.shape[0] == cfg.num_layers)
     return per_layer * np.dtype(cfg.dtype).itemsize // tensor
-
-
-def _flat_with_paths(trees):
-    import jax
-
-    for tree in trees:
-        for keys, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-            yield "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in keys), leaf
 
 
 def transformer_flops(cfg, w: Workload) -> float:
