@@ -69,6 +69,15 @@ def test_toy_teacher_trains_resumes_exports_and_evaluates(toy_base, tmp_path):
     assert metrics["count"] == 4 and 0 <= metrics["accuracy"] <= 1 and set(metrics["per_prompt"]) == set(prompts)
     assert (tmp_path / "eval" / "grid.png").is_file()
     assert toy_eval.main(["--model", str(toy_base), "--prompts", "a purple circle", "--out", str(tmp_path / "x")]) == 2
+    # --stochastic (a student trained with distill.renoise=sde): the last step lands on x0 either way,
+    # so one step is the same image; at two steps the fresh noise of the middle step shows
+    export = tmp_path / "run" / "export"
+    kw = dict(prompts=prompts[:1], seeds=2, guidance=1.0, progress=False)
+    one = [toy_eval.evaluate_model(export, tmp_path / f"s1{s}", steps=1, stochastic=s, **kw)[1] for s in (False, True)]
+    two = [toy_eval.evaluate_model(export, tmp_path / f"s2{s}", steps=2, stochastic=s, **kw)[1] for s in (False, True)]
+    np.testing.assert_allclose(one[0], one[1], atol=1e-6)
+    assert np.abs(two[0] - two[1]).max() > 1e-2
+    assert json.loads((tmp_path / "s2True" / "metrics.json").read_text())["stochastic"] is True
 
     # a trained transformer with the seeded text encoder regenerated (how a committed teacher ships)
     from qwen_jax.toy.build import build_toy_pipeline, text_encoder_digest

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 
 def sample_all(pipe, prompts, seeds: int, *, steps: int, guidance: float, sigmas, negative: str,
-               batch_size: int, progress: bool = True) -> tuple[np.ndarray, list[str]]:
+               batch_size: int, progress: bool = True, stochastic: bool = False) -> tuple[np.ndarray, list[str]]:
     """(images float (N, 32, 32, 3) in [0, 1], captions), prompt-major; image s of prompt k uses
     seed 1000 k + s (k = the prompt's index among the 168), whatever the subset or batch size."""
     from qwen_jax.toy import prompt_index
@@ -34,14 +34,14 @@ def sample_all(pipe, prompts, seeds: int, *, steps: int, guidance: float, sigmas
         chunk_s = [1000 * prompt_index(p) + s for p, s in chunk]  # one seed per (prompt, s)
         chunk_s += [chunk_s[-1]] * pad
         out = pipe(chunk_p, negative if guidance > 1 else None, height=32, width=32, num_steps=steps,
-                   guidance=guidance, seed=chunk_s, sigmas=sigmas)
+                   guidance=guidance, seed=chunk_s, sigmas=sigmas, stochastic=stochastic)
         images.append(out.array[:len(chunk)])
     return np.concatenate(images), [p for p, _ in jobs]
 
 
 def evaluate_model(model, out, *, prompts=None, seeds: int = 4, steps: int = 50, guidance: float = 2.0,
                    sigmas=None, negative: str = " ", batch_size: int = 168, reference_seeds: int = 16,
-                   progress: bool = True) -> tuple[dict, np.ndarray, list[str]]:
+                   progress: bool = True, stochastic: bool = False) -> tuple[dict, np.ndarray, list[str]]:
     """Samples, scores and writes `out`/metrics.json and `out`/grid.png for one model folder.
 
     Returns (metrics with per_prompt, images (N, 32, 32, 3) in [0, 1] prompt-major, captions).
@@ -54,14 +54,14 @@ def evaluate_model(model, out, *, prompts=None, seeds: int = 4, steps: int = 50,
     pipe = Pipeline.from_pretrained(model)
     images, captions = sample_all(pipe, prompts, seeds, steps=steps, guidance=guidance, sigmas=sigmas,
                                   negative=negative, batch_size=min(batch_size, len(prompts) * seeds),
-                                  progress=progress)
+                                  progress=progress, stochastic=stochastic)
     real, real_captions = real_set(prompts, reference_seeds, seed=12345)
     metrics = toy_metrics.evaluate(images, captions, toy_metrics.reference_stats(real, real_captions))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     summary = {k: v for k, v in metrics.items() if k != "per_prompt"}
     summary.update(model=str(model), steps=steps, guidance=guidance, sigmas=sigmas, seeds=seeds,
-                   prompts=len(prompts))
+                   prompts=len(prompts), stochastic=stochastic)
     tmp = out / "metrics.json.tmp"
     tmp.write_text(json.dumps({**summary, "per_prompt": metrics["per_prompt"]}, indent=2, default=float))
     tmp.replace(out / "metrics.json")
@@ -78,6 +78,8 @@ def main(argv=None) -> int:
     p.add_argument("--guidance", type=float, default=2.0, help="true CFG scale; 1 disables CFG")
     p.add_argument("--negative-prompt", default=" ")
     p.add_argument("--sigmas", type=float, nargs="+", help="explicit sigmas (e.g. 1.0 0.75 for 2 Euler steps)")
+    p.add_argument("--stochastic", action="store_true",
+                   help="re-noise each step's x0 with fresh noise (a student trained with distill.renoise=sde)")
     p.add_argument("--seeds", type=int, default=4, help="images per prompt")
     p.add_argument("--prompts", nargs="+", help="a subset of the 168 captions (default: all)")
     p.add_argument("--batch-size", type=int, default=168)
@@ -98,7 +100,7 @@ def main(argv=None) -> int:
     metrics, _, _ = evaluate_model(args.model, args.out, prompts=args.prompts, seeds=args.seeds, steps=args.steps,
                                    guidance=args.guidance, sigmas=args.sigmas, negative=args.negative_prompt,
                                    batch_size=args.batch_size, reference_seeds=args.reference_seeds,
-                                   progress=not args.quiet)
+                                   progress=not args.quiet, stochastic=args.stochastic)
     print(toy_metrics.format_table(metrics))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
     return 0
