@@ -159,7 +159,8 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
 
     for field, value, match in [("gan.backbone", "vae", "gan.backbone"), ("distill.renoise", "euler", "renoise"),
                                 ("gan.real_share", 0.5, "teacher_pool"), ("dmd2.dfake_gen_update_ratio", 0, "ratio"),
-                                ("gan.t_max", 0.01, "gan.t_max"), ("gan.head_lr_scale", 0.0, "head_lr_scale")]:
+                                ("gan.t_max", 0.01, "gan.t_max"), ("gan.head_lr_scale", 0.0, "head_lr_scale"),
+                                ("distill.guidance_interval", (0.6, 0.4), "guidance_interval")]:
         with pytest.raises(ValueError, match=match):
             train(load_config("dmd2", toy_base, total_steps=1, **{field: value}), tmp_path / "bad")
     with pytest.raises(ValueError, match="student_init"):  # a merged export cannot seed LoRA adapters
@@ -223,3 +224,26 @@ def test_gan_noise_levels_follow_the_dm_loss_or_their_own_range():
     config.gan.t_max = 0.4
     t_gan = np.asarray(dmd2._gan_sigma(config, key, t))
     assert t_gan.shape == t.shape and t_gan.min() >= 0.02 and t_gan.max() <= 0.4 and np.ptp(t_gan) > 0.2
+
+
+def test_guidance_interval_guides_only_the_samples_whose_sigma_is_inside(toy_base):
+    from qwen_jax.distillation import roles
+    from qwen_jax.training.state import split_trainable
+
+    scale = np.asarray(roles.guidance_scale(jnp.array([0.0, 0.3, 0.5, 0.51, 1.0]), 3.0, (0.0, 0.5)))
+    np.testing.assert_array_equal(scale, [3, 3, 3, 1, 1])
+    model = checkpoints.load_transformer(Path(toy_base) / "transformer")
+    graphdef, params, frozen = split_trainable(model, lora=False)
+    cfg, grid = model.config, (1, 4, 6)  # 24 image tokens, 5 text tokens with padding in the negative
+    ks = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(ks[0], (2, 24, cfg.in_channels))
+    text = jax.random.normal(ks[1], (2, 5, cfg.joint_attention_dim))
+    neg = jax.random.normal(ks[2], (2, 5, cfg.joint_attention_dim))
+    mask, neg_mask = jnp.ones((2, 5), jnp.int32), jnp.array([[1, 1, 1, 0, 0]] * 2, jnp.int32)
+    sigma = jnp.array([0.3, 0.8])  # one sample inside (0, 0.5), one outside
+    plain = roles.denoiser(graphdef, params, frozen, text, mask, (grid,))(x, sigma)
+    guided = roles.denoiser(graphdef, params, frozen, text, mask, (grid,), (neg, neg_mask), 3.0)(x, sigma)
+    interval = roles.denoiser(graphdef, params, frozen, text, mask, (grid,), (neg, neg_mask), 3.0, (0.0, 0.5))(x, sigma)
+    np.testing.assert_allclose(interval[0], guided[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(interval[1], plain[1], rtol=1e-5, atol=1e-6)
+    assert np.abs(guided[1] - plain[1]).max() > 1e-3  # the guidance is not a no-op on this model

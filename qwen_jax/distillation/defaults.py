@@ -21,9 +21,11 @@ def distill_config(objective: str, variant: str = "qwen_image") -> ml_collection
     c.eval.update(num_steps=2, guidance=1.0)  # grids show the student as it will be used
     # The student: a K-step generator on the fixed-shift grid (2 steps at shift 3: 1.0 -> 0.75 -> 0),
     # initialised from the teacher or from `student_init` (a transformer folder, e.g. a PCM export).
-    # The teacher (real score) is the pretrained transformer with CFG `guidance`.
+    # The teacher (real score) is the pretrained transformer with CFG `guidance`; in DMD2 only at
+    # the DM loss's sigmas inside `guidance_interval` (lo, hi), scale 1 elsewhere.
     c.distill = ml_collections.ConfigDict(dict(
-        student_steps=2, student_shift=3.0, renoise="ode", student_init="", guidance=4.0))
+        student_steps=2, student_shift=3.0, renoise="ode", student_init="", guidance=4.0,
+        guidance_interval=(0.0, 1.0)))
     if objective == "pcm":
         # Phased consistency: `phases` phases of a `points`-point grid at `shift`; pseudo-Huber c.
         c.pcm = ml_collections.ConfigDict(dict(phases=2, points=100, shift=3.0, huber_c=1e-3))

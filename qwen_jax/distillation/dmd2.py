@@ -78,7 +78,8 @@ def generator_step(state, teacher, frozen, batch, *, graphdef, tx, config, sigma
     noise = jax.random.normal(k_noise, shape, jnp.float32)
     params = state["params"]
     teacher_v = roles.denoiser(graphdef, teacher, frozen, text, mask, shapes,
-                               (batch["negative_embeds"], batch["negative_mask"]), config.distill.guidance)
+                               (batch["negative_embeds"], batch["negative_mask"]), config.distill.guidance,
+                               tuple(config.distill.guidance_interval))
     fake_v = roles.denoiser(graphdef, params["fake"], frozen, text, mask, shapes)
 
     def loss_fn(generator):

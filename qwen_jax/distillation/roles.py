@@ -30,12 +30,20 @@ def student_sigmas(distill) -> np.ndarray:
     return np.asarray(shifted_student_sigmas(int(distill.student_steps), float(distill.student_shift)), np.float32)
 
 
+def guidance_scale(sigma: jax.Array, guidance: float, interval=(0.0, 1.0)) -> jax.Array:
+    """Per-sample CFG scale (B,): `guidance` where lo <= sigma <= hi, 1 (the conditional velocity)
+    elsewhere. A guidance interval: CFG at the noise levels that fix the layout is what narrows it."""
+    lo, hi = interval
+    return jnp.where((sigma >= lo) & (sigma <= hi), jnp.float32(guidance), jnp.float32(1.0))
+
+
 def denoiser(graphdef, trainable: dict, frozen: dict, text: jax.Array, mask: jax.Array, img_shapes,
-             negative: tuple | None = None, guidance: float = 1.0):
+             negative: tuple | None = None, guidance: float = 1.0, guidance_interval=(0.0, 1.0)):
     """(x_t, sigma) -> v of the model `trainable` + `frozen` conditioned on (text, mask).
 
     With `negative` = (states, mask) and guidance > 1: true CFG with Qwen's per-token norm
-    rescale (`sampler.cfg_combine`), the conditional and unconditional halves in one call.
+    rescale (`sampler.cfg_combine`), the conditional and unconditional halves in one call, at the
+    samples whose sigma lies in `guidance_interval` (`guidance_scale`; the others get scale 1).
     """
     model = merge_model(graphdef, trainable, frozen)
     dtype = model.config.jnp_dtype
@@ -48,7 +56,8 @@ def denoiser(graphdef, trainable: dict, frozen: dict, text: jax.Array, mask: jax
             return model(x_t.astype(dtype), text.astype(dtype), mask, t, img_shapes).astype(jnp.float32)
         both = model(jnp.concatenate([x_t, x_t]).astype(dtype), jnp.concatenate([text, negative[0]]).astype(dtype),
                      jnp.concatenate([mask, negative[1]]), jnp.concatenate([t, t]), img_shapes).astype(jnp.float32)
-        return cfg_combine(both[:batch], both[batch:], guidance)
+        scale = guidance_scale(t, guidance, guidance_interval)[:, None, None]
+        return cfg_combine(both[:batch], both[batch:], scale)
 
     return v
 
@@ -94,6 +103,10 @@ def check_config(config) -> None:
     """The distill.* errors that need nothing loaded."""
     if config.distill.renoise not in RENOISE:
         raise ValueError(f"config.distill.renoise={config.distill.renoise!r}: choose one of {RENOISE}")
+    lo, hi = config.distill.guidance_interval
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"config.distill.guidance_interval={tuple(config.distill.guidance_interval)}: "
+                         "need 0 <= lo < hi <= 1")
     if config.distill.student_init and config.model.lora_rank > 0:
         raise ValueError("config.distill.student_init needs full-weight training (config.model.lora_rank=0): a "
                          "merged export cannot seed LoRA adapters")
