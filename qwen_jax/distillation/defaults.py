@@ -21,8 +21,8 @@ def distill_config(objective: str, variant: str = "qwen_image") -> ml_collection
     c.eval.update(num_steps=2, guidance=1.0)  # grids show the student as it will be used
     # The student: a K-step generator on the fixed-shift grid (2 steps at shift 3: 1.0 -> 0.75 -> 0),
     # initialised from the teacher or from `student_init` (a transformer folder, e.g. a PCM export).
-    # The teacher (real score) is the pretrained transformer with CFG `guidance`; in DMD2 only at
-    # the DM loss's sigmas inside `guidance_interval` (lo, hi), scale 1 elsewhere.
+    # The teacher (real score) is the pretrained transformer with CFG `guidance` at the sigmas
+    # inside `guidance_interval` (lo, hi), scale 1 elsewhere (`roles.real_score`, PCM and DMD2).
     c.distill = ml_collections.ConfigDict(dict(
         student_steps=2, student_shift=3.0, renoise="ode", student_init="", guidance=4.0,
         guidance_interval=(0.0, 1.0)))

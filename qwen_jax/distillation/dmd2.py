@@ -77,9 +77,7 @@ def generator_step(state, teacher, frozen, batch, *, graphdef, tx, config, sigma
     t = losses.dmd_timesteps(k_t, (shape[0],), config.dmd2.t_min, config.dmd2.t_max, config.dmd2.dm_shift or None)
     noise = jax.random.normal(k_noise, shape, jnp.float32)
     params = state["params"]
-    teacher_v = roles.denoiser(graphdef, teacher, frozen, text, mask, shapes,
-                               (batch["negative_embeds"], batch["negative_mask"]), config.distill.guidance,
-                               tuple(config.distill.guidance_interval))
+    teacher_v = roles.real_score(graphdef, teacher, frozen, text, mask, shapes, batch, config.distill)
     fake_v = roles.denoiser(graphdef, params["fake"], frozen, text, mask, shapes)
 
     def loss_fn(generator):

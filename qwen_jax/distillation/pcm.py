@@ -35,8 +35,7 @@ def pcm_step(state, teacher, frozen, batch, *, graphdef, tx, schedule, config, g
     noise = jax.random.normal(noise_key, x0.shape, jnp.float32)
     t, r, s = losses.pcm_sample_sigmas(sigma_key, x0.shape[0], grid)
     text, mask, shapes = batch["prompt_embeds"], batch["prompt_mask"], image_grid(batch["latents"])
-    teacher_v = roles.denoiser(graphdef, teacher, frozen, text, mask, shapes,
-                               (batch["negative_embeds"], batch["negative_mask"]), config.distill.guidance)
+    teacher_v = roles.real_score(graphdef, teacher, frozen, text, mask, shapes, batch, config.distill)
 
     def loss_fn(params):
         student_v = roles.denoiser(graphdef, params, frozen, text, mask, shapes)

@@ -62,6 +62,13 @@ def denoiser(graphdef, trainable: dict, frozen: dict, text: jax.Array, mask: jax
     return v
 
 
+def real_score(graphdef, teacher: dict, frozen: dict, text, mask, img_shapes, batch: dict, distill):
+    """The frozen teacher as PCM and DMD2 query it: CFG `distill.guidance` against the batch's
+    negative prompt, at the sigmas inside `distill.guidance_interval`."""
+    return denoiser(graphdef, teacher, frozen, text, mask, img_shapes, (batch["negative_embeds"], batch["negative_mask"]),
+                    distill.guidance, tuple(distill.guidance_interval))
+
+
 def features(graphdef, trainable: dict, frozen: dict, x_t, sigma, text, mask, img_shapes, blocks: tuple[int, ...]):
     """Image-token hidden states (B, L, D) after `blocks` of the model at (x_t, sigma): the GAN's input."""
     model = merge_model(graphdef, trainable, frozen)
@@ -103,8 +110,8 @@ def check_config(config) -> None:
     """The distill.* errors that need nothing loaded."""
     if config.distill.renoise not in RENOISE:
         raise ValueError(f"config.distill.renoise={config.distill.renoise!r}: choose one of {RENOISE}")
-    lo, hi = config.distill.guidance_interval
-    if not 0.0 <= lo < hi <= 1.0:
+    interval = tuple(config.distill.guidance_interval)
+    if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
         raise ValueError(f"config.distill.guidance_interval={tuple(config.distill.guidance_interval)}: "
                          "need 0 <= lo < hi <= 1")
     if config.distill.student_init and config.model.lora_rank > 0:
