@@ -31,8 +31,7 @@ def main(argv=None) -> int:
 
     from qwen_jax import sharding as sharding_lib
     from qwen_jax.conversion.errors import ConversionError
-    from qwen_jax.train import load_model
-    from qwen_jax.training import optim, state as state_lib
+    from qwen_jax.train import OBJECTIVES, load_model
     from qwen_jax.training.checkpointing import Checkpoints
     from qwen_jax.training.export import export_run
 
@@ -48,18 +47,23 @@ def main(argv=None) -> int:
         if step is None or step not in steps:
             raise FileNotFoundError(f"{workdir}: no checkpoint at step {step} (saved: {steps or 'none'})")
         mesh = sharding_lib.make_mesh(1, -1, 1, devices=jax.local_devices())
+        objective = OBJECTIVES.get(config.get("objective", "flow_matching"))
+        if objective is None:
+            raise ValueError(f"{config_file}: unknown objective {config.objective!r}")
         graphdef, params, frozen = load_model(config, mesh)
-        tx, _ = optim.make_optimizer(config.optim, config.total_steps)
-        shardings = state_lib.state_shardings(tx, params, mesh, ema=config.ema.decay > 0)
-        state, _ = ckpt.restore(step, state_lib.abstract_train_state(tx, params, shardings))
+        # The run's own objective knows its state (DMD2's holds a generator, a fake score, heads
+        # and two optimisers) and which tree is the student.
+        trainer = objective(config, graphdef, params, frozen, mesh)
+        state, _ = ckpt.restore(step, trainer.abstract_state())
         ckpt.close()
-        weights = state["params"] if args.no_ema or "ema" not in state else state["ema"]
+        use_ema = not args.no_ema and "ema" in state
+        weights = trainer.student(state, use_ema)
         out = Path(args.out) if args.out else workdir / f"export-{step}"
         export_run(out, graphdef, weights, frozen, pipeline=config.model.pretrained, lora=config.model.lora_rank > 0)
     except (FileNotFoundError, ValueError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out} (step {step}, {'raw' if weights is state['params'] else 'EMA'} weights)")
+    print(f"wrote {out} (step {step}, {'EMA' if use_ema else 'raw'} weights)")
     return 0
 
 

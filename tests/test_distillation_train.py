@@ -104,6 +104,12 @@ def test_pcm_then_dmd2_with_gan_on_schedule_teacher_untouched_resumes_and_export
         assert all(np.isfinite(m[f"train/{key}"]) for m in generator_turns), key
     exported = transformer_params(tmp_path / "run" / "export" / "transformer")
     assert_trees_equal(exported, state["ema"])  # the export is the generator's EMA
+    # `python -m qwen_jax.export` restores a DMD2 checkpoint through its own objective
+    from qwen_jax import export
+
+    assert export.main(["--workdir", str(tmp_path / "run"), "--step", str(steps), "--no-ema",
+                        "--out", str(tmp_path / "raw")]) == 0
+    assert_trees_equal(transformer_params(tmp_path / "raw" / "transformer"), state["params"]["generator"])
 
     # the exported student -> diffusers folder -> QwenImageTransformer2DModel reproduces the JAX output
     spec = importlib.util.spec_from_file_location("convert_weights", REPO / "tools" / "convert_weights.py")
