@@ -220,6 +220,23 @@ def test_collapse_shows_in_diversity_and_fd(reference, real, real_metrics):
     assert m["toy_fd"] > 3 * m_real["toy_fd"]
 
 
+def test_feature_breakdown_finds_the_feature_that_moved(reference, real, real_metrics):
+    images, captions = real
+    # Every shape moved 3 px right (real shapes lie inside the image, so few wrap): the mean of cx
+    # moves by ~3, and almost all of the toy-FD goes when cx is left out, none when cy is.
+    shifted = np.roll(images, 3, axis=2)
+    m = tm.evaluate(shifted, captions, reference)
+    cx, cy = m["features"]["cx"], m["features"]["cy"]
+    assert 2.5 < cx["mean"] - cx["real_mean"] < 3.5 and abs(cy["mean"] - cy["real_mean"]) < 0.3
+    assert m["toy_fd"] > 5 and cx["fd_without"] < 0.25 * m["toy_fd"] and cy["fd_without"] > 0.9 * m["toy_fd"]
+    real_fs = real_metrics["features"]
+    assert list(real_fs) == list(tm.FEATURES)
+    for name, f in real_fs.items():   # the real set against the reference: every spread within 10 %
+        assert abs(f["std"] - f["real_std"]) <= 0.1 * f["real_std"] + 1e-3, name
+    table = tm.format_features(m)
+    assert all(name in table for name in tm.FEATURES) and f"{m['toy_fd']:.3f}" in table
+
+
 def test_save_grid(tmp_path):
     images, _ = real_set(all_prompts()[:2], 3, seed=0)
     path = tmp_path / "grid.png"

@@ -2,9 +2,11 @@
 
     python -m qwen_jax.eval.toy --model runs/demo/teacher --steps 50 --guidance 2 --out runs/demo/eval50
     python -m qwen_jax.eval.toy --model runs/demo/teacher --steps 2 --guidance 1 --out runs/demo/eval2
+    python -m qwen_jax.eval.toy --model runs/toy_distill/student --steps 2 --guidance 1 --seeds 8 --breakdown --out E
 
 Samples --seeds images for each of the 168 prompts (or --prompts), decodes them analytically
-(`toy_metrics.py`) and prints the table; writes metrics.json and grid.png (one row per prompt
+(`toy_metrics.py`) and prints the table (with --breakdown, also the toy-FD feature by
+feature: which of the 10 features the distance comes from); writes metrics.json and grid.png (one row per prompt
 shown, one column per seed) to --out.
 """
 
@@ -86,6 +88,8 @@ def main(argv=None) -> int:
     p.add_argument("--reference-seeds", type=int, default=16, help="real images per prompt for the statistics")
     p.add_argument("--out", required=True)
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--breakdown", action="store_true",
+                   help="also print the toy-FD feature by feature (metrics.json always holds it)")
     args = p.parse_args(argv)
 
     from qwen_jax.eval import toy_metrics
@@ -102,6 +106,8 @@ def main(argv=None) -> int:
                                    batch_size=args.batch_size, reference_seeds=args.reference_seeds,
                                    progress=not args.quiet, stochastic=args.stochastic)
     print(toy_metrics.format_table(metrics))
+    if args.breakdown:
+        print(toy_metrics.format_features(metrics))
     print(f"wrote {Path(args.out) / 'metrics.json'} and {Path(args.out) / 'grid.png'}")
     return 0
 

@@ -234,8 +234,9 @@ def evaluate(images, captions, reference: dict) -> dict:
     """Score generated images against their captions and real statistics (module docstring).
 
     Returns {"accuracy", "clean", "diversity", "toy_fd", "bg_accuracy", "fg_accuracy",
-    "shape_accuracy", "no_foreground", "count", "per_prompt": {caption: {"count", "accuracy",
-    "clean", "spread", "diversity"}}}. Captions must be toy-world captions.
+    "shape_accuracy", "no_foreground", "count", "features" (`feature_breakdown`), "per_prompt":
+    {caption: {"count", "accuracy", "clean", "spread", "diversity"}}}. Captions must be toy-world
+    captions.
     """
     captions = list(captions)
     if len(images) != len(captions) or not captions:
@@ -268,8 +269,22 @@ def evaluate(images, captions, reference: dict) -> dict:
         "toy_fd": frechet_distance(mean, cov, reference["mean"], reference["cov"]),
         "bg_accuracy": float(bg_ok.mean()), "fg_accuracy": float(fg_ok.mean()),
         "shape_accuracy": float(shape_ok.mean()), "no_foreground": float((decoded["fg"] < 0).mean()),
-        "count": len(captions), "per_prompt": per_prompt,
+        "count": len(captions), "features": feature_breakdown(mean, cov, reference), "per_prompt": per_prompt,
     }
+
+
+def feature_breakdown(mean: np.ndarray, cov: np.ndarray, reference: dict) -> dict:
+    """Where the toy-FD comes from, one entry per feature: {name: {"mean", "std", "real_mean",
+    "real_std", "fd_without"}}, `fd_without` being the toy-FD with that feature left out (so
+    toy_fd - fd_without is what the feature costs, its correlations with the others included)."""
+    out = {}
+    for i, name in enumerate(FEATURES):
+        keep = [j for j in range(len(FEATURES)) if j != i]
+        out[name] = {"mean": float(mean[i]), "std": float(np.sqrt(max(cov[i, i], 0.0))),
+                     "real_mean": float(reference["mean"][i]), "real_std": float(np.sqrt(max(reference["cov"][i, i], 0.0))),
+                     "fd_without": frechet_distance(mean[keep], cov[np.ix_(keep, keep)], reference["mean"][keep],
+                                                    reference["cov"][np.ix_(keep, keep)])}
+    return out
 
 
 def format_table(metrics: dict) -> str:
@@ -278,6 +293,17 @@ def format_table(metrics: dict) -> str:
     lines = [f"{'metric':<{width}}  {'value':>8}", f"{'-' * width}  {'-' * 8}"]
     lines += [f"{k:<{width}}  {metrics[k]:>8.4f}" for k in HEADLINE]
     return "\n".join(lines)
+
+
+def format_features(metrics: dict) -> str:
+    """The toy-FD feature by feature (`feature_breakdown`): generated and real mean and standard
+    deviation, and the toy-FD without the feature."""
+    lines = [f"{'feature':<8} {'mean':>7} {'real':>7} {'std':>7} {'real':>7}  {'toy-FD without':>14}",
+             "-" * 56]
+    for name, f in metrics["features"].items():
+        lines.append(f"{name:<8} {f['mean']:>7.3f} {f['real_mean']:>7.3f} {f['std']:>7.3f} {f['real_std']:>7.3f}"
+                     f"  {f['fd_without']:>14.3f}")
+    return "\n".join(lines + [f"(toy-FD with every feature: {metrics['toy_fd']:.3f})"])
 
 
 def format_comparison(rows: dict[str, dict]) -> str:
