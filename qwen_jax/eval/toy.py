@@ -6,8 +6,8 @@
 
 Samples --seeds images for each of the 168 prompts (or --prompts), decodes them analytically
 (`toy_metrics.py`) and prints the table (with --breakdown, also the toy-FD feature by
-feature: which of the 10 features the distance comes from); writes metrics.json and grid.png (one row per prompt
-shown, one column per seed) to --out.
+feature: which of the 10 features the distance comes from); writes metrics.json and grid.png
+(one row per prompt shown, one column per seed) to --out.
 """
 
 from __future__ import annotations

@@ -277,13 +277,14 @@ def feature_breakdown(mean: np.ndarray, cov: np.ndarray, reference: dict) -> dic
     """Where the toy-FD comes from, one entry per feature: {name: {"mean", "std", "real_mean",
     "real_std", "fd_without"}}, `fd_without` being the toy-FD with that feature left out (so
     toy_fd - fd_without is what the feature costs, its correlations with the others included)."""
+    real_mean, real_cov = reference["mean"], reference["cov"]
     out = {}
     for i, name in enumerate(FEATURES):
-        keep = [j for j in range(len(FEATURES)) if j != i]
+        keep = np.array([j for j in range(len(FEATURES)) if j != i])
         out[name] = {"mean": float(mean[i]), "std": float(np.sqrt(max(cov[i, i], 0.0))),
-                     "real_mean": float(reference["mean"][i]), "real_std": float(np.sqrt(max(reference["cov"][i, i], 0.0))),
-                     "fd_without": frechet_distance(mean[keep], cov[np.ix_(keep, keep)], reference["mean"][keep],
-                                                    reference["cov"][np.ix_(keep, keep)])}
+                     "real_mean": float(real_mean[i]), "real_std": float(np.sqrt(max(real_cov[i, i], 0.0))),
+                     "fd_without": frechet_distance(mean[keep], cov[np.ix_(keep, keep)], real_mean[keep],
+                                                    real_cov[np.ix_(keep, keep)])}
     return out
 
 
