@@ -60,6 +60,7 @@ def default_cache_dir() -> Path:
 class PipelineOutput:
     images: list  # PIL.Image.Image, one per image
     array: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    latents: np.ndarray | None = None  # (B, L_img, C) packed final latents, before decoding
 
 
 class Pipeline:
@@ -197,7 +198,7 @@ class Pipeline:
         if self.mesh is not None:  # the VAE runs on one device (see the module docstring)
             out = jax.device_put(out, sharding_lib.single_device())
         images = np.asarray(self.decode_latents(out, height, width))
-        return PipelineOutput([to_pil(img) for img in images], images)
+        return PipelineOutput([to_pil(img) for img in images], images, np.asarray(out, np.float32))
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -33,7 +33,7 @@ from qwen_jax import checkpoints, data as data_lib
 from qwen_jax import sharding as sharding_lib
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.training import distributed, evaluation, export as export_lib
-from qwen_jax.distillation import dmd2, pcm, real_pool
+from qwen_jax.distillation import dmd2, ode_pairs, pcm, real_pool
 from qwen_jax.training import flow_matching
 from qwen_jax.training import state as state_lib
 from qwen_jax.training.checkpointing import Checkpoints
@@ -104,15 +104,31 @@ class BatchMaker:
     """
 
     def __init__(self, config, conditioner: Conditioner | None, loader: data_lib.Loader, mesh, negative: bool = False,
-                 mixer=None):
+                 mixer=None, pairs=None, pair_encoder: Conditioner | None = None):
         self.config, self.conditioner, self.mesh, self.negative = config, conditioner, mesh, negative
         self.mixer = mixer  # swaps rows for teacher samples (distillation/real_pool.py), or None
+        # teacher ODE pairs for DMD2's regression loss (distillation/ode_pairs.py), or None; their
+        # captions are encoded here even when the batch comes from a cache
+        self.pairs, self.pair_encoder = pairs, pair_encoder
         if conditioner is None:
             self.uncond = loader.source.uncond()
         else:
             self.uncond = tuple(map(np.asarray, conditioner.encode_text([config.data.uncond_prompt])))
         self.local_batch = loader.batch_size
         self.offset = loader.shard_index * loader.batch_size
+
+    def _pairs(self, step: int, latent_shape) -> dict:
+        """This process's rows of the step's regression pairs: pair_noise, pair_latents, pair_embeds, pair_mask."""
+        rows = self.pairs(step, self.offset, self.local_batch, self.config.data.batch_size)
+        tokens = (latent_shape[1] // 2) * (latent_shape[2] // 2)  # (B, h, w, C) latents, 2x2 packing
+        if rows["noise"].shape[1] != tokens:
+            raise ValueError(f"config.dmd2.regression_pairs holds {rows['noise'].shape[1]} image tokens per "
+                             f"pair, the batch {tokens}: make the pairs at the training resolution")
+        embeds, mask = map(np.asarray, self.pair_encoder.encode_text(rows["captions"]))
+        length = distributed.max_over_processes(embeds.shape[1])
+        return {"pair_noise": rows["noise"].astype(np.float32), "pair_latents": rows["latents"].astype(np.float32),
+                "pair_embeds": np.pad(embeds, ((0, 0), (0, length - embeds.shape[1]), (0, 0))),
+                "pair_mask": np.pad(mask, ((0, 0), (0, length - mask.shape[1])))}
 
     def __call__(self, raw: dict, step: int) -> dict:
         if self.mixer is not None:
@@ -136,6 +152,8 @@ class BatchMaker:
                                           bucket=self.config.data.text_bucket)
             local["negative_embeds"] = np.pad(neg, ((0, 0), (0, length - neg.shape[1]), (0, 0)))[:, :length]
             local["negative_mask"] = np.pad(neg_mask, ((0, 0), (0, length - neg_mask.shape[1])))[:, :length]
+        if self.pairs is not None and self.pairs.wanted(step):  # generator turns only
+            local.update(self._pairs(step, latents.shape))
         return {k: jax.make_array_from_process_local_data(sharding_lib.batch_sharding(self.mesh, v.ndim), v)
                 for k, v in local.items()}
 
@@ -191,13 +209,15 @@ def train(config, workdir: str | Path, devices=None) -> dict:
     pretrained = config.model.pretrained
     if not pretrained:
         raise ValueError("set --config.model.pretrained to a pipeline folder (or hub id)")
-    needs_encoders = not config.data.cache or config.eval.every
+    pairs = ode_pairs.sampler_from_config(config)
+    needs_encoders = not config.data.cache or config.eval.every or pairs is not None
     conditioner = (Conditioner.from_pretrained(pretrained, dtype=config.model.encoder_dtype,
                                                max_sequence_length=config.data.max_sequence_length,
                                                text_bucket=config.data.text_bucket)
                    if needs_encoders else None)
     make_batch = BatchMaker(config, None if config.data.cache else conditioner, loader, mesh,
-                            negative=objective.needs_negative, mixer=real_pool.mixer_from_config(config))
+                            negative=objective.needs_negative, mixer=real_pool.mixer_from_config(config),
+                            pairs=pairs, pair_encoder=conditioner)
 
     # ---- Model, objective, train state -------------------------------------------------------
     lora = config.model.lora_rank > 0

@@ -105,6 +105,14 @@ def test_distribution_matching_loss_renoises_and_denoises_the_detached_sample():
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def test_regression_loss_pulls_only_the_sample_toward_the_teacher_sample():
+    sample, target = jnp.array([[1.0, 2.0], [0.0, -1.0]]), jnp.array([[0.0, 2.0], [1.0, 1.0]])
+    np.testing.assert_allclose(L.regression_loss(sample, target), (1 + 0 + 1 + 4) / 4, rtol=1e-6)
+    g_sample, g_target = jax.grad(L.regression_loss, argnums=(0, 1))(sample, target)
+    np.testing.assert_allclose(g_sample, 2 * (sample - target) / 4, rtol=1e-6)
+    assert not np.any(g_target)  # the teacher's sample is a constant
+
+
 def test_dmd_timesteps_range():
     t = L.dmd_timesteps(jax.random.PRNGKey(0), (4096,))
     lo, hi = np.float32(0.02), np.float32(0.98)

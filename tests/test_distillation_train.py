@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from qwen_jax import checkpoints
+from qwen_jax.distillation.ode_pairs import load_pairs
 from qwen_jax.pytree import flatten_params
 from qwen_jax.train import train
 from qwen_jax.training.metrics import read_metrics
@@ -152,10 +153,15 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
 
     # the real config's shape: LoRA student and fake score on one frozen base (the teacher = base)
     # ... with half of the GAN's real pool made of teacher samples, and caption-projection heads
+    # ... and DMD1's regression on teacher ODE pairs, made by the pairs CLI
     pool = _teacher_pool(tmp_path / "pool")
+    pairs = _regression_pairs(toy_base, tmp_path)
     lora = train(load_config("dmd2", toy_base, total_steps=1, **{"model.lora_rank": 4, "gan.real_share": 0.5,
-                                                                  "gan.teacher_pool": str(pool), "gan.projection": True}),
+                                                                  "gan.teacher_pool": str(pool), "gan.projection": True,
+                                                                  "dmd2.regression_weight": 1.0,
+                                                                  "dmd2.regression_pairs": str(pairs)}),
                  tmp_path / "lora")
+    assert np.isfinite(read_metrics(tmp_path / "lora")[0]["train/regression_loss"])
     assert all("proj" in head for head in lora["state"]["params"]["heads"].values())
     assert moved(lora["state"]["params"]["heads"], lora["trainer"].initial_heads)
     assert all(k[-1] in ("lora_a", "lora_b") for k in flat(lora["state"]["params"]["generator"]))
@@ -166,14 +172,45 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
     for field, value, match in [("gan.backbone", "vae", "gan.backbone"), ("distill.renoise", "euler", "renoise"),
                                 ("gan.real_share", 0.5, "teacher_pool"), ("dmd2.dfake_gen_update_ratio", 0, "ratio"),
                                 ("gan.t_max", 0.01, "gan.t_max"), ("gan.head_lr_scale", 0.0, "head_lr_scale"),
-                                ("distill.guidance_interval", (0.6, 0.4), "guidance_interval")]:
+                                ("distill.guidance_interval", (0.6, 0.4), "guidance_interval"),
+                                ("dmd2.regression_weight", 0.5, "regression_pairs"),
+                                ("dmd2.regression_weight", -1.0, "regression_weight")]:
         with pytest.raises(ValueError, match=match):
             train(load_config("dmd2", toy_base, total_steps=1, **{field: value}), tmp_path / "bad")
+    with pytest.raises(FileNotFoundError, match="regression_pairs: .*missing.npz does not exist"):
+        train(load_config("dmd2", toy_base, total_steps=1, **{"dmd2.regression_weight": 1.0,
+                                                               "dmd2.regression_pairs": str(tmp_path / "missing.npz")}),
+              tmp_path / "bad")
+    with pytest.raises(ValueError, match="not a regression-pairs file, missing noise"):
+        np.savez(tmp_path / "other.npz", latents=np.zeros(3))
+        load_pairs(tmp_path / "other.npz")
     with pytest.raises(ValueError, match="student_init"):  # a merged export cannot seed LoRA adapters
         train(load_config("dmd2", toy_base, total_steps=1, **{"distill.student_init": str(tmp_path),
                                                                "model.lora_rank": 4}), tmp_path / "bad")
     with pytest.raises(ConversionError, match="student_init: .*not a qwen_jax transformer folder"):
         train(load_config("dmd2", toy_base, total_steps=1, **{"distill.student_init": str(tmp_path)}), tmp_path / "b")
+
+
+def _regression_pairs(base: Path, tmp_path: Path) -> Path:
+    """Teacher pairs from the CLI (3 prompts x 2, 2 steps): each pair is the teacher's sample from its noise."""
+    from qwen_jax.distillation import ode_pairs
+    from qwen_jax.pipeline import Pipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle on a blue background\n\na green square on a black background\n"
+                       "a white triangle on a magenta background\n")
+    out = tmp_path / "pairs.npz"
+    assert ode_pairs.main(["--model", str(base), "--prompt-file", str(prompts), "--per-prompt", "2", "--steps", "2",
+                           "--guidance", "2", "--batch-size", "4", "--out", str(out)]) == 0
+    pairs = ode_pairs.load_pairs(out)
+    assert pairs["noise"].shape == pairs["latents"].shape and pairs["noise"].shape[:2] == (6, 64) and len(set(pairs["captions"])) == 3
+    assert len({p.tobytes() for p in pairs["noise"]}) == 6  # one noise per pair
+    again = Pipeline.from_pretrained(base)(list(pairs["captions"][:4]), " ", height=32, width=32, num_steps=2,
+                                           guidance=2.0, latents=pairs["noise"][:4])
+    np.testing.assert_allclose(again.latents, pairs["latents"][:4], rtol=1e-5, atol=1e-5)
+    assert ode_pairs.main(["--model", str(base), "--prompt-file", str(prompts), "--per-prompt", "0",
+                           "--out", str(tmp_path / "none.npz")]) == 1 and not (tmp_path / "none.npz").exists()
+    return out
 
 
 def _teacher_pool(folder: Path, n: int = 5, size: int = 32) -> Path:

@@ -8,6 +8,7 @@ chosen per iteration on the host (TTUR, `losses.should_update_generator`):
   generator turn (iteration % dfake_gen_update_ratio == 0), before the critic turn:
       k ~ U{0..K-1}; x = student x0 at exit step k after backward simulation from noise
       L = L_DM(x; teacher CFG, fake score; t ~ U[t_min, t_max]) + gan.gen_weight * L_G(heads(x_t'))
+          [+ dmd2.regression_weight * MSE(student sample from z_pair, teacher ODE sample from z_pair)]
       only the generator's tree gets a gradient (teacher, fake score, heads are constants)
   critic turn (every iteration):
       x = sg(a fresh student sample); L = L_fake(x) + gan.disc_weight * L_D(real x0 vs x, noised to t')
@@ -84,6 +85,13 @@ def generator_step(state, teacher, frozen, batch, *, graphdef, tx, config, sigma
         student_v = roles.denoiser(graphdef, generator, frozen, text, mask, shapes)
         x = roles.generate(student_v, z, jnp.asarray(sigmas), k, k_sim, config.distill.renoise)
         loss, metrics = losses.distribution_matching_loss(x, teacher_v, fake_v, noise, t)
+        if config.dmd2.regression_weight > 0:  # DMD1's regression on teacher ODE pairs (`ode_pairs.py`)
+            pair_v = roles.denoiser(graphdef, generator, frozen, batch["pair_embeds"], batch["pair_mask"], shapes)
+            sample = roles.generate(pair_v, batch["pair_noise"], jnp.asarray(sigmas), len(sigmas) - 2, k_sim,
+                                    config.distill.renoise)
+            regression = losses.regression_loss(sample, batch["pair_latents"])
+            loss = loss + config.dmd2.regression_weight * regression
+            metrics = {**metrics, "regression_loss": sg(regression)}
         if config.gan.gen_weight > 0:
             backbone = params["fake"] if config.gan.backbone == "fake" else teacher
             gan_noise = jax.random.normal(k_gan, shape, jnp.float32)
@@ -162,6 +170,11 @@ class Trainer:
         losses.should_update_generator(0, config.dmd2.dfake_gen_update_ratio)  # validates the ratio
         roles.check_config(config)
         real_pool.check_mix(config.gan.real_share, config.gan.teacher_pool)
+        if config.dmd2.regression_weight < 0:
+            raise ValueError(f"config.dmd2.regression_weight={config.dmd2.regression_weight}: must be >= 0")
+        if config.dmd2.regression_weight > 0 and not config.dmd2.regression_pairs:
+            raise ValueError("config.dmd2.regression_weight > 0 needs config.dmd2.regression_pairs "
+                             "(python -m qwen_jax.distillation.ode_pairs)")
         if config.gan.head_lr_scale <= 0:
             raise ValueError(f"config.gan.head_lr_scale={config.gan.head_lr_scale}: must be > 0")
         if config.gan.t_max and not config.dmd2.t_min < config.gan.t_max <= 1.0:
@@ -234,7 +247,9 @@ class Trainer:
     def step(self, state: dict, frozen: dict, batch: dict, step: int):
         if losses.should_update_generator(step, self.config.dmd2.dfake_gen_update_ratio):
             state, self._last_gen = self._gen(state, self.teacher, frozen, batch)
-        state, metrics = self._critic(state, self.teacher, frozen, batch)
+        # the critic never reads the regression pairs: one batch structure, one compile
+        critic_batch = {k: v for k, v in batch.items() if not k.startswith("pair_")}
+        state, metrics = self._critic(state, self.teacher, frozen, critic_batch)
         return state, {**metrics, **(self._last_gen or {})}
 
     def student(self, state: dict, use_ema: bool) -> dict:

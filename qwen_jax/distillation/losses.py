@@ -93,6 +93,12 @@ def distribution_matching_loss(x: jax.Array, teacher_v: Denoiser, fake_v: Denois
     return dmd_loss(x, x0_real, x0_fake, eps)
 
 
+def regression_loss(sample: jax.Array, target: jax.Array) -> jax.Array:
+    """DMD1's regression term: mean squared error between the student's sample and the teacher's
+    ODE sample from the same noise and caption (latents; the target is a constant)."""
+    return jnp.mean((sample.astype(jnp.float32) - sg(target).astype(jnp.float32)) ** 2)
+
+
 def fake_score_loss(fake_v: Denoiser, x0: jax.Array, noise: jax.Array, sigma: jax.Array):
     """Flow-matching (velocity MSE) loss of the fake score on generator samples x0, taken as constants.
 

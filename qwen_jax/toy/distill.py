@@ -23,6 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 COMPARE_PROMPTS = 12
+REGRESSION_WEIGHT = 0.0  # DMD2's weight on the teacher-pair regression (docs/distillation.md)
 
 
 def train_stage(name: str, out: Path, teacher: Path, steps: int, overrides: list[str]) -> Path:
@@ -35,6 +36,19 @@ def train_stage(name: str, out: Path, teacher: Path, steps: int, overrides: list
         print(f"== {name}: {' '.join(cmd)}", flush=True)
         subprocess.run(cmd, check=True)
     return workdir / "export"
+
+
+def teacher_pairs(out: Path, teacher: Path, per_prompt: int, steps: int, guidance: float) -> Path:
+    """The teacher's ODE pairs for DMD2's regression term (`ode_pairs.py`): per_prompt samples of
+    each of the 168 prompts at the evaluation's teacher setting; <out>/pairs.npz, made once."""
+    path = out / "pairs.npz"
+    if not path.is_file():
+        cmd = [sys.executable, "-m", "qwen_jax.distillation.ode_pairs", f"--model={teacher}", "--toy-prompts",
+               f"--per-prompt={per_prompt}", f"--steps={steps}", f"--guidance={guidance}", "--batch-size=168",
+               f"--out={path}"]
+        print(f"== pairs: {' '.join(cmd)}", flush=True)
+        subprocess.run(cmd, check=True)
+    return path
 
 
 def evaluate(rows: dict[str, tuple[Path, dict]], out: Path, prompts, seeds: int) -> dict:
@@ -60,9 +74,11 @@ def evaluate(rows: dict[str, tuple[Path, dict]], out: Path, prompts, seeds: int)
 
 def distill(out: Path, *, pcm_steps: int, dmd2_steps: int, gan: bool = True, extra_pcm=(), extra_dmd2=(),
             seeds: int = 8, prompts=None, teacher_steps: int = 50, guidance: float = 2.0,
-            teacher_source: Path | None = None) -> dict:
+            teacher_source: Path | None = None, regression: float = REGRESSION_WEIGHT,
+            pairs_per_prompt: int = 8) -> dict:
     """PCM then DMD2 (either may be 0 steps) from the committed teacher (or `teacher_source`, a
-    folder like models/toy/teacher), then the evaluation; returns {label: metrics}."""
+    folder like models/toy/teacher), then the evaluation; returns {label: metrics}. With
+    `regression` > 0, DMD2 also regresses on `pairs_per_prompt` teacher samples per prompt."""
     from qwen_jax.toy import all_prompts
     from qwen_jax.toy.build import TEACHER, assemble
 
@@ -78,6 +94,9 @@ def distill(out: Path, *, pcm_steps: int, dmd2_steps: int, gan: bool = True, ext
             overrides.append(f"--config.distill.student_init={student / 'transformer'}")
         if not gan:
             overrides += ["--config.gan.gen_weight=0", "--config.gan.disc_weight=0"]
+        if regression > 0:
+            pairs = teacher_pairs(out, teacher, pairs_per_prompt, teacher_steps, guidance)
+            overrides += [f"--config.dmd2.regression_weight={regression}", f"--config.dmd2.regression_pairs={pairs}"]
         student = train_stage("dmd2", out, teacher, dmd2_steps, overrides)
     rows = {f"teacher {teacher_steps} steps, CFG {guidance:g}": (teacher, dict(steps=teacher_steps, guidance=guidance)),
             f"teacher 2 steps, CFG {guidance:g}": (teacher, dict(steps=2, guidance=guidance))}
@@ -96,6 +115,9 @@ def main(argv=None) -> int:
     p.add_argument("--pcm-steps", type=int, default=1000, help="PCM iterations (0: no warm start)")
     p.add_argument("--dmd2-steps", type=int, default=2000, help="DMD2 iterations (0: PCM only)")
     p.add_argument("--no-gan", action="store_true", help="DMD2 without the GAN terms")
+    p.add_argument("--regression", type=float, default=REGRESSION_WEIGHT,
+                   help="weight of DMD2's regression on teacher ODE pairs (0: none)")
+    p.add_argument("--pairs-per-prompt", type=int, default=8, help="teacher pairs per prompt for the regression")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--prompts", nargs="+")
     p.add_argument("--pcm-override", action="append", default=[], help="extra --config.* flag for the PCM stage")
@@ -104,7 +126,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     try:
         distill(Path(args.out), pcm_steps=args.pcm_steps, dmd2_steps=args.dmd2_steps, gan=not args.no_gan,
-                extra_pcm=args.pcm_override, extra_dmd2=args.dmd2_override, seeds=args.seeds, prompts=args.prompts)
+                extra_pcm=args.pcm_override, extra_dmd2=args.dmd2_override, seeds=args.seeds, prompts=args.prompts,
+                regression=args.regression, pairs_per_prompt=args.pairs_per_prompt)
     except (FileExistsError, FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
