@@ -112,7 +112,7 @@ def check_config(config) -> None:
         raise ValueError(f"config.distill.renoise={config.distill.renoise!r}: choose one of {RENOISE}")
     interval = tuple(config.distill.guidance_interval)
     if len(interval) != 2 or not 0.0 <= interval[0] < interval[1] <= 1.0:
-        raise ValueError(f"config.distill.guidance_interval={tuple(config.distill.guidance_interval)}: "
+        raise ValueError(f"config.distill.guidance_interval={interval}: "
                          "need 0 <= lo < hi <= 1")
     if config.distill.student_init and config.model.lora_rank > 0:
         raise ValueError("config.distill.student_init needs full-weight training (config.model.lora_rank=0): a "
