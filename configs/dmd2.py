@@ -7,7 +7,10 @@ Variants:
               iteration, generator every 5th; GAN heads on the fake score at 50/75/100 % depth.
               Warm-start from PCM with --config.distill.student_init=... (full-weight students).
   toy         the toy world: full weights from the committed toy teacher (`make demo` assembles
-              it into runs/demo/teacher), CFG 2; add --config.distill.student_init=PCM_EXPORT/transformer.
+              it into runs/demo/teacher), CFG 2 below sigma 0.5, GAN 0.05 / 0.1, 1000 iterations;
+              add --config.distill.student_init=PCM_EXPORT/transformer (and, as
+              `python -m qwen_jax.toy.distill` does, --config.dmd2.regression_weight=1
+              --config.dmd2.regression_pairs=PAIRS.npz).
 
 Mesh presets (`python -m qwen_jax.plan --config=configs/dmd2.py:<preset> --devices N` compiles
 them for N simulated devices; docs/scaling.md has the numbers):
@@ -38,10 +41,15 @@ def get_config(arg: str | None = None):
         c.critic_optim.update(lr=2e-5, b1=0.0, grad_clip=1.0)
         c.dmd2.dm_shift = 3.0
     else:
-        c.total_steps = 2000
+        # The toy recipe (docs/distillation.md, "Toy results"): 1000 iterations; a GAN ten times
+        # DMD2's weights; the real score guided only below sigma 0.5, where shapes are drawn, not
+        # placed. `python -m qwen_jax.toy.distill` adds the regression on teacher pairs.
+        c.total_steps = 1000
         c.data.batch_size = 32
         c.optim.update(lr=1e-4, warmup_steps=0)
         c.critic_optim.update(lr=1e-4)
+        c.gan.update(gen_weight=0.05, disc_weight=0.1)
+        c.distill.guidance_interval = (0.0, 0.5)
     if variant == "lora_h100x8":  # two 1328^2 images per device: 37 GiB planned of the 80 (docs/scaling.md)
         c.mesh.update(data=1, fsdp=8, tensor=1)
         c.data.batch_size = 16

@@ -8,7 +8,8 @@
    regenerating the frozen text encoder from its seed and refusing a different one; with
    --retrain it trains the teacher first (`configs/flow_matching.py:toy`, the committed recipe);
 2. distills a 2-step student from it: the full recipe of `qwen_jax.toy.distill` (PCM warm start,
-   then DMD2 + GAN), shortened (150 + 150 iterations; --no-distill skips it);
+   then DMD2 + GAN + the regression on teacher pairs, one pair per prompt and seed), shortened
+   (150 + 150 iterations; --no-distill skips it);
 3. evaluates on the 168 prompts (`qwen_jax.eval.toy`): the teacher at 50 steps with CFG, the
    teacher at 2 Euler steps (sigmas 1 -> 0.75 -> 0), the student at 2 steps without CFG;
 4. prints one table and writes `runs/demo/compare.png` (the same prompts and seeds side by side).
@@ -77,7 +78,8 @@ def main(argv=None) -> int:
         source = retrain(out, args.train_steps) if args.retrain else TEACHER
         steps = (0, 0) if args.no_distill else (args.pcm_steps, args.dmd2_steps)
         distill(out, pcm_steps=steps[0], dmd2_steps=steps[1], seeds=args.seeds, prompts=args.prompts,
-                teacher_steps=args.teacher_steps, guidance=args.guidance, teacher_source=source)
+                teacher_steps=args.teacher_steps, guidance=args.guidance, teacher_source=source,
+                pairs_per_prompt=args.seeds)
     except (FileExistsError, FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

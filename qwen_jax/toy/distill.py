@@ -1,12 +1,14 @@
-"""The toy distillation, one command: PCM warm start -> DMD2 + GAN from the committed teacher.
+"""The toy distillation, one command: PCM warm start -> teacher pairs -> DMD2 + GAN + regression.
 
     python -m qwen_jax.toy.distill --out runs/toy_distill                       # the full recipe
     python -m qwen_jax.toy.distill --out runs/abl_dmd2 --pcm-steps 0            # DMD2 only (ablation)
     python -m qwen_jax.toy.distill --out runs/abl_pcm --dmd2-steps 0            # PCM only
     python -m qwen_jax.toy.distill --out runs/abl_nogan --pcm-steps 0 --no-gan  # DMD2 without GAN
 
-Stages are `python -m qwen_jax.train` runs of configs/pcm.py:toy and configs/dmd2.py:toy (each
-resumable: run the command again after an interruption). Then it evaluates on the 168 prompts:
+Stages are `python -m qwen_jax.train` runs of configs/pcm.py:toy and configs/dmd2.py:toy, with
+the teacher's ODE pairs for DMD2's regression term made in between by
+`python -m qwen_jax.distillation.ode_pairs` (each stage resumable: run the command again after
+an interruption). Then it evaluates on the 168 prompts:
 the teacher at 50 steps with CFG, the teacher at 2 Euler steps, the student at 2 steps without
 CFG; prints the table and writes `compare.png` (the three side by side, same prompts and seeds)
 and `results.json`. The student is left as a pipeline folder in <out>/student.
@@ -23,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 COMPARE_PROMPTS = 12
-REGRESSION_WEIGHT = 0.0  # DMD2's weight on the teacher-pair regression (docs/distillation.md)
+REGRESSION_WEIGHT = 1.0  # DMD2's weight on the teacher-pair regression (docs/distillation.md)
 
 
 def train_stage(name: str, out: Path, teacher: Path, steps: int, overrides: list[str]) -> Path:
@@ -113,7 +115,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--pcm-steps", type=int, default=1000, help="PCM iterations (0: no warm start)")
-    p.add_argument("--dmd2-steps", type=int, default=2000, help="DMD2 iterations (0: PCM only)")
+    p.add_argument("--dmd2-steps", type=int, default=1000, help="DMD2 iterations (0: PCM only)")
     p.add_argument("--no-gan", action="store_true", help="DMD2 without the GAN terms")
     p.add_argument("--regression", type=float, default=REGRESSION_WEIGHT,
                    help="weight of DMD2's regression on teacher ODE pairs (0: none)")
