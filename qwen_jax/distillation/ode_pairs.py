@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from qwen_jax.distillation.losses import should_update_generator
+
 PAIR_KEYS = ("noise", "latents", "captions", "height", "width")
 DEFAULT_SEED = 1_000_000
 
@@ -97,11 +99,8 @@ class PairSampler:
     def __init__(self, path: str | os.PathLike, seed: int, ratio: int = 1):
         self.pairs = load_pairs(path)
         self.seed, self.ratio = seed, ratio
-        self.size = (int(self.pairs["height"]), int(self.pairs["width"]))
 
     def wanted(self, step: int) -> bool:
-        from qwen_jax.distillation.losses import should_update_generator
-
         return bool(should_update_generator(step, self.ratio))
 
     def __call__(self, step: int, offset: int, local_batch: int, global_batch: int) -> dict:
