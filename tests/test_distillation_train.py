@@ -153,15 +153,20 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
 
     # the real config's shape: LoRA student and fake score on one frozen base (the teacher = base)
     # ... with half of the GAN's real pool made of teacher samples, and caption-projection heads
-    # ... and DMD1's regression on teacher ODE pairs, made by the pairs CLI
+    # ... and DMD1's regression on teacher ODE pairs, made by the pairs CLI, for the first of two
+    # generator updates (regression_until=1): the second one is DMD2 + GAN alone
     pool = _teacher_pool(tmp_path / "pool")
     pairs = _regression_pairs(toy_base, tmp_path)
-    lora = train(load_config("dmd2", toy_base, total_steps=1, **{"model.lora_rank": 4, "gan.real_share": 0.5,
+    lora = train(load_config("dmd2", toy_base, total_steps=2, **{"model.lora_rank": 4, "gan.real_share": 0.5,
                                                                   "gan.teacher_pool": str(pool), "gan.projection": True,
+                                                                  "dmd2.dfake_gen_update_ratio": 1,
                                                                   "dmd2.regression_weight": 1.0,
-                                                                  "dmd2.regression_pairs": str(pairs)}),
+                                                                  "dmd2.regression_pairs": str(pairs),
+                                                                  "dmd2.regression_until": 1}),
                  tmp_path / "lora")
-    assert np.isfinite(read_metrics(tmp_path / "lora")[0]["train/regression_loss"])
+    logged = read_metrics(tmp_path / "lora")
+    assert np.isfinite(logged[0]["train/regression_loss"]) and "train/regression_loss" not in logged[1]
+    assert np.isfinite(logged[1]["train/dmd_loss"])
     assert all("proj" in head for head in lora["state"]["params"]["heads"].values())
     assert moved(lora["state"]["params"]["heads"], lora["trainer"].initial_heads)
     assert all(k[-1] in ("lora_a", "lora_b") for k in flat(lora["state"]["params"]["generator"]))
@@ -174,7 +179,9 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
                                 ("gan.t_max", 0.01, "gan.t_max"), ("gan.head_lr_scale", 0.0, "head_lr_scale"),
                                 ("distill.guidance_interval", (0.6, 0.4), "guidance_interval"),
                                 ("dmd2.regression_weight", 0.5, "regression_pairs"),
-                                ("dmd2.regression_weight", -1.0, "regression_weight")]:
+                                ("dmd2.regression_weight", -1.0, "regression_weight"),
+                                ("dmd2.regression_until", 5, "needs config.dmd2.regression_weight"),
+                                ("dmd2.regression_until", -1, "regression_until")]:
         with pytest.raises(ValueError, match=match):
             train(load_config("dmd2", toy_base, total_steps=1, **{field: value}), tmp_path / "bad")
     with pytest.raises(FileNotFoundError, match="regression_pairs: .*missing.npz does not exist"):

@@ -33,9 +33,10 @@ def distill_config(objective: str, variant: str = "qwen_image") -> ml_collection
         # DMD2: the critic (fake score + GAN heads) steps every iteration, the generator every
         # `dfake_gen_update_ratio`-th; DM timesteps U[t_min, t_max] (optionally shifted).
         # `regression_weight` > 0 adds DMD1's regression on teacher ODE pairs (`regression_pairs`, a
-        # .npz from `python -m qwen_jax.distillation.ode_pairs`): it pins the noise -> image map.
+        # .npz from `python -m qwen_jax.distillation.ode_pairs`): it pins the noise -> image map,
+        # for the iterations before `regression_until` (0: all of them); DMD2 + GAN alone after it.
         c.dmd2 = ml_collections.ConfigDict(dict(dfake_gen_update_ratio=5, t_min=0.02, t_max=0.98, dm_shift=0.0,
-                                                regression_weight=0.0, regression_pairs=""))
+                                                regression_weight=0.0, regression_pairs="", regression_until=0))
         c.critic_optim = ml_collections.ConfigDict(dict(
             lr=1e-5, b1=0.0, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, schedule="constant",
             final_lr_fraction=0.0, grad_clip=10.0))

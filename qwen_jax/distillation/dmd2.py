@@ -85,7 +85,9 @@ def generator_step(state, teacher, frozen, batch, *, graphdef, tx, config, sigma
         student_v = roles.denoiser(graphdef, generator, frozen, text, mask, shapes)
         x = roles.generate(student_v, z, jnp.asarray(sigmas), k, k_sim, config.distill.renoise)
         loss, metrics = losses.distribution_matching_loss(x, teacher_v, fake_v, noise, t)
-        if config.dmd2.regression_weight > 0:  # DMD1's regression on teacher ODE pairs (`ode_pairs.py`)
+        # DMD1's regression on teacher ODE pairs (`ode_pairs.py`); the batch holds them only on the
+        # generator turns before dmd2.regression_until (a second compile for the turns after it)
+        if config.dmd2.regression_weight > 0 and "pair_noise" in batch:
             pair_v = roles.denoiser(graphdef, generator, frozen, batch["pair_embeds"], batch["pair_mask"], shapes)
             sample = roles.generate(pair_v, batch["pair_noise"], jnp.asarray(sigmas), len(sigmas) - 2, k_sim,
                                     config.distill.renoise)
@@ -175,6 +177,12 @@ class Trainer:
         if config.dmd2.regression_weight > 0 and not config.dmd2.regression_pairs:
             raise ValueError("config.dmd2.regression_weight > 0 needs config.dmd2.regression_pairs "
                              "(python -m qwen_jax.distillation.ode_pairs)")
+        if config.dmd2.regression_until < 0:
+            raise ValueError(f"config.dmd2.regression_until={config.dmd2.regression_until}: must be >= 0 "
+                             "(0: the regression for the whole run)")
+        if config.dmd2.regression_until and not config.dmd2.regression_weight:
+            raise ValueError(f"config.dmd2.regression_until={config.dmd2.regression_until} needs "
+                             "config.dmd2.regression_weight > 0")
         if config.gan.head_lr_scale <= 0:
             raise ValueError(f"config.gan.head_lr_scale={config.gan.head_lr_scale}: must be > 0")
         if config.gan.t_max and not config.dmd2.t_min < config.gan.t_max <= 1.0:

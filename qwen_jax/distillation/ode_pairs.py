@@ -94,14 +94,15 @@ def load_pairs(path: str | os.PathLike) -> dict:
 class PairSampler:
     """Draws each generator turn's pair rows from (seed, step) for the whole global batch, so a
     resumed run or another process count draws the same rows; returns this process's slice.
-    `wanted(step)`: whether iteration `step` is a generator turn (the only turns that use pairs)."""
+    `wanted(step)`: whether iteration `step` is a generator turn (the only turns that use pairs)
+    before `until` (0: no end)."""
 
-    def __init__(self, path: str | os.PathLike, seed: int, ratio: int = 1):
+    def __init__(self, path: str | os.PathLike, seed: int, ratio: int = 1, until: int = 0):
         self.pairs = load_pairs(path)
-        self.seed, self.ratio = seed, ratio
+        self.seed, self.ratio, self.until = seed, ratio, until
 
     def wanted(self, step: int) -> bool:
-        return bool(should_update_generator(step, self.ratio))
+        return bool(should_update_generator(step, self.ratio)) and (not self.until or step < self.until)
 
     def __call__(self, step: int, offset: int, local_batch: int, global_batch: int) -> dict:
         rows = np.random.default_rng([self.seed, step, 11]).integers(0, len(self.pairs["captions"]), global_batch)
@@ -115,7 +116,7 @@ def sampler_from_config(config) -> PairSampler | None:
     dmd2 = config.get("dmd2")
     if dmd2 is None or not dmd2.get("regression_weight", 0.0):
         return None
-    return PairSampler(dmd2.regression_pairs, config.seed, dmd2.dfake_gen_update_ratio)
+    return PairSampler(dmd2.regression_pairs, config.seed, dmd2.dfake_gen_update_ratio, dmd2.regression_until)
 
 
 def main(argv=None) -> int:
