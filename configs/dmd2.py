@@ -9,8 +9,9 @@ Variants:
   toy         the toy world: full weights from the committed toy teacher (`make demo` assembles
               it into runs/demo/teacher), CFG 2 below sigma 0.5, GAN 0.05 / 0.1, 1000 iterations;
               add --config.distill.student_init=PCM_EXPORT/transformer (and, as
-              `python -m qwen_jax.toy.distill` does, --config.dmd2.regression_weight=1
-              --config.dmd2.regression_pairs=PAIRS.npz).
+              `python -m qwen_jax.toy.distill` does, --config.total_steps=1750
+              --config.dmd2.regression_weight=1 --config.dmd2.regression_pairs=PAIRS.npz
+              --config.dmd2.regression_until=1000: the regression, then DMD2 + GAN alone).
 
 Mesh presets (`python -m qwen_jax.plan --config=configs/dmd2.py:<preset> --devices N` compiles
 them for N simulated devices; docs/scaling.md has the numbers):
@@ -43,7 +44,8 @@ def get_config(arg: str | None = None):
     else:
         # The toy recipe (docs/distillation.md, "Toy results"): 1000 iterations; a GAN ten times
         # DMD2's weights; the real score guided only below sigma 0.5, where shapes are drawn, not
-        # placed. `python -m qwen_jax.toy.distill` adds the regression on teacher pairs.
+        # placed. `python -m qwen_jax.toy.distill` adds the regression on teacher pairs for 1000
+        # iterations, then 750 without it.
         c.total_steps = 1000
         c.data.batch_size = 32
         c.optim.update(lr=1e-4, warmup_steps=0)

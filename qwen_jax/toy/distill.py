@@ -1,14 +1,18 @@
-"""The toy distillation, one command: PCM warm start -> teacher pairs -> DMD2 + GAN + regression.
+"""The toy distillation, one command: PCM warm start -> teacher pairs -> DMD2 + GAN + regression
+for 1000 iterations -> DMD2 + GAN alone for 750 more.
 
-    python -m qwen_jax.toy.distill --out runs/toy_distill                       # the full recipe
-    python -m qwen_jax.toy.distill --out runs/abl_dmd2 --pcm-steps 0            # DMD2 only (ablation)
-    python -m qwen_jax.toy.distill --out runs/abl_pcm --dmd2-steps 0            # PCM only
-    python -m qwen_jax.toy.distill --out runs/abl_nogan --pcm-steps 0 --no-gan  # DMD2 without GAN
+    python -m qwen_jax.toy.distill --out runs/toy_distill                                    # the full recipe
+    python -m qwen_jax.toy.distill --out runs/abl_dmd2 --pcm-steps 0 --regression 0          # DMD2 + GAN only
+    python -m qwen_jax.toy.distill --out runs/abl_pcm --dmd2-steps 0                         # PCM only
+    python -m qwen_jax.toy.distill --out runs/abl_nogan --pcm-steps 0 --regression 0 --no-gan  # DMD2 alone
 
 Stages are `python -m qwen_jax.train` runs of configs/pcm.py:toy and configs/dmd2.py:toy, with
 the teacher's ODE pairs for DMD2's regression term made in between by
 `python -m qwen_jax.distillation.ode_pairs` (each stage resumable: run the command again after
-an interruption). Then it evaluates on the 168 prompts:
+an interruption). The regression pins the student's noise -> image map to the teacher's; its
+MSE toward samples a 2-step student cannot match exactly also blurs a little, so the last
+iterations drop it (`dmd2.regression_until`) and DMD2 + GAN sharpen the edges again
+(docs/distillation.md, "Toy results"). Then it evaluates on the 168 prompts:
 the teacher at 50 steps with CFG, the teacher at 2 Euler steps, the student at 2 steps without
 CFG; prints the table and writes `compare.png` (the three side by side, same prompts and seeds)
 and `results.json`. The student is left as a pipeline folder in <out>/student.
@@ -26,6 +30,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 COMPARE_PROMPTS = 12
 REGRESSION_WEIGHT = 1.0  # DMD2's weight on the teacher-pair regression (docs/distillation.md)
+REGRESSION_STEPS = 1000  # DMD2 iterations with the regression; the rest are DMD2 + GAN alone
 
 
 def train_stage(name: str, out: Path, teacher: Path, steps: int, overrides: list[str]) -> Path:
@@ -77,10 +82,11 @@ def evaluate(rows: dict[str, tuple[Path, dict]], out: Path, prompts, seeds: int)
 def distill(out: Path, *, pcm_steps: int, dmd2_steps: int, gan: bool = True, extra_pcm=(), extra_dmd2=(),
             seeds: int = 8, prompts=None, teacher_steps: int = 50, guidance: float = 2.0,
             teacher_source: Path | None = None, regression: float = REGRESSION_WEIGHT,
-            pairs_per_prompt: int = 8) -> dict:
+            regression_steps: int | None = None, pairs_per_prompt: int = 8) -> dict:
     """PCM then DMD2 (either may be 0 steps) from the committed teacher (or `teacher_source`, a
     folder like models/toy/teacher), then the evaluation; returns {label: metrics}. With
-    `regression` > 0, DMD2 also regresses on `pairs_per_prompt` teacher samples per prompt."""
+    `regression` > 0, DMD2 also regresses on `pairs_per_prompt` teacher samples per prompt, for
+    its first `regression_steps` iterations (None: all of them)."""
     from qwen_jax.toy import all_prompts
     from qwen_jax.toy.build import TEACHER, assemble
 
@@ -99,6 +105,8 @@ def distill(out: Path, *, pcm_steps: int, dmd2_steps: int, gan: bool = True, ext
         if regression > 0:
             pairs = teacher_pairs(out, teacher, pairs_per_prompt, teacher_steps, guidance)
             overrides += [f"--config.dmd2.regression_weight={regression}", f"--config.dmd2.regression_pairs={pairs}"]
+            if regression_steps is not None and regression_steps < dmd2_steps:
+                overrides.append(f"--config.dmd2.regression_until={regression_steps}")
         student = train_stage("dmd2", out, teacher, dmd2_steps, overrides)
     rows = {f"teacher {teacher_steps} steps, CFG {guidance:g}": (teacher, dict(steps=teacher_steps, guidance=guidance)),
             f"teacher 2 steps, CFG {guidance:g}": (teacher, dict(steps=2, guidance=guidance))}
@@ -115,10 +123,12 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--pcm-steps", type=int, default=1000, help="PCM iterations (0: no warm start)")
-    p.add_argument("--dmd2-steps", type=int, default=1000, help="DMD2 iterations (0: PCM only)")
+    p.add_argument("--dmd2-steps", type=int, default=1750, help="DMD2 iterations (0: PCM only)")
     p.add_argument("--no-gan", action="store_true", help="DMD2 without the GAN terms")
     p.add_argument("--regression", type=float, default=REGRESSION_WEIGHT,
                    help="weight of DMD2's regression on teacher ODE pairs (0: none)")
+    p.add_argument("--regression-steps", type=int, default=REGRESSION_STEPS,
+                   help="DMD2 iterations with the regression (the rest: DMD2 + GAN alone)")
     p.add_argument("--pairs-per-prompt", type=int, default=8, help="teacher pairs per prompt for the regression")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--prompts", nargs="+")
@@ -129,7 +139,8 @@ def main(argv=None) -> int:
     try:
         distill(Path(args.out), pcm_steps=args.pcm_steps, dmd2_steps=args.dmd2_steps, gan=not args.no_gan,
                 extra_pcm=args.pcm_override, extra_dmd2=args.dmd2_override, seeds=args.seeds, prompts=args.prompts,
-                regression=args.regression, pairs_per_prompt=args.pairs_per_prompt)
+                regression=args.regression, regression_steps=args.regression_steps,
+                pairs_per_prompt=args.pairs_per_prompt)
     except (FileExistsError, FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
