@@ -108,6 +108,10 @@ def test_demo_shortened_assembles_the_committed_teacher_and_compares(tmp_path, c
     assert demo.main(args[:2] + ["--prompts", prompts[0], "--seeds", "1", "--teacher-steps", "2", "--no-distill"]) == 0
     (tmp_path / "other" / "teacher").mkdir(parents=True)
     assert demo.main(["--out", str(tmp_path / "other"), "--prompts", prompts[0], "--no-distill"]) == 1  # not ours
+    from qwen_jax.toy import distill  # the demo's engine: a bad flag stops it before anything is written
+
+    assert distill.main(["--out", str(tmp_path / "bad"), "--regression-steps", "-1"]) == 1
+    assert not (tmp_path / "bad").exists()
 
 
 def test_demo_distills_the_student(tmp_path, capsys):

@@ -86,10 +86,12 @@ def distill(out: Path, *, pcm_steps: int, dmd2_steps: int, gan: bool = True, ext
     """PCM then DMD2 (either may be 0 steps) from the committed teacher (or `teacher_source`, a
     folder like models/toy/teacher), then the evaluation; returns {label: metrics}. With
     `regression` > 0, DMD2 also regresses on `pairs_per_prompt` teacher samples per prompt, for
-    its first `regression_steps` iterations (None: all of them)."""
+    its first `regression_steps` iterations (None: all of them; 0: none)."""
     from qwen_jax.toy import all_prompts
     from qwen_jax.toy.build import TEACHER, assemble
 
+    if regression_steps is not None and regression_steps < 0:
+        raise ValueError(f"--regression-steps={regression_steps}: must be >= 0 (0: no regression)")
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
     teacher = assemble(teacher_source or TEACHER, out / "teacher")
@@ -102,7 +104,7 @@ def distill(out: Path, *, pcm_steps: int, dmd2_steps: int, gan: bool = True, ext
             overrides.append(f"--config.distill.student_init={student / 'transformer'}")
         if not gan:
             overrides += ["--config.gan.gen_weight=0", "--config.gan.disc_weight=0"]
-        if regression > 0:
+        if regression > 0 and regression_steps != 0:
             pairs = teacher_pairs(out, teacher, pairs_per_prompt, teacher_steps, guidance)
             overrides += [f"--config.dmd2.regression_weight={regression}", f"--config.dmd2.regression_pairs={pairs}"]
             if regression_steps is not None and regression_steps < dmd2_steps:
@@ -128,7 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--regression", type=float, default=REGRESSION_WEIGHT,
                    help="weight of DMD2's regression on teacher ODE pairs (0: none)")
     p.add_argument("--regression-steps", type=int, default=REGRESSION_STEPS,
-                   help="DMD2 iterations with the regression (the rest: DMD2 + GAN alone)")
+                   help="DMD2 iterations with the regression (the rest: DMD2 + GAN alone; 0: none)")
     p.add_argument("--pairs-per-prompt", type=int, default=8, help="teacher pairs per prompt for the regression")
     p.add_argument("--seeds", type=int, default=8)
     p.add_argument("--prompts", nargs="+")
