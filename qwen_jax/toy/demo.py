@@ -9,7 +9,8 @@
    --retrain it trains the teacher first (`configs/flow_matching.py:toy`, the committed recipe);
 2. distills a 2-step student from it: the full recipe of `qwen_jax.toy.distill` (PCM warm start,
    then DMD2 + GAN + the regression on teacher pairs, one pair per prompt and seed), shortened
-   (150 + 150 iterations; --no-distill skips it);
+   (150 + 150 iterations, the regression throughout: no second phase without it at this length;
+   --no-distill skips it);
 3. evaluates on the 168 prompts (`qwen_jax.eval.toy`): the teacher at 50 steps with CFG, the
    teacher at 2 Euler steps (sigmas 1 -> 0.75 -> 0), the student at 2 steps without CFG;
 4. prints one table and writes `runs/demo/compare.png` (the same prompts and seeds side by side).
