@@ -6,8 +6,8 @@ Variants:
               full remat, FSDP over all devices; teacher CFG 4 with norm rescale; critic every
               iteration, generator every 5th; GAN heads on the fake score at 50/75/100 % depth.
               Warm-start from PCM with --config.distill.student_init=... (full-weight students).
-  toy         the toy world: full weights from the committed toy teacher (`make demo` assembles
-              it into runs/demo/teacher), CFG 2 below sigma 0.5, GAN 0.05 / 0.1, 1000 iterations;
+  toy         the toy world: full weights from the committed toy teacher (models/toy/teacher,
+              loaded as it is), CFG 2 below sigma 0.5, GAN 0.05 / 0.1, 1000 iterations;
               add --config.distill.student_init=PCM_EXPORT/transformer (and, as
               `python -m qwen_jax.toy.distill` does, --config.total_steps=1750
               --config.dmd2.regression_weight=1 --config.dmd2.regression_pairs=PAIRS.npz

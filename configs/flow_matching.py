@@ -6,10 +6,11 @@ Variants:
   qwen_image_full  the same with every weight trained (needs FSDP over >= 16 80 GB chips).
   tiny         a CPU-sized run for tests and smoke checks: set --config.model.pretrained to a
                tiny pipeline folder and --config.data.images to a folder.
-  toy          the toy world's teacher (qwen_jax.toy): 32x32 procedural shapes, the toy model
-               family built by `python -m qwen_jax.toy.build --out runs/toy/base`, CFG dropout.
+  toy          the toy world's teacher (qwen_jax.toy): 32x32 procedural shapes, from the toy family's
+               random transformer (models/toy/init, built on first use), CFG dropout.
 """
 
+from qwen_jax.toy.folders import INIT
 from qwen_jax.training.defaults import base_config
 
 VARIANTS = ("qwen_image", "qwen_image_full", "tiny", "toy")
@@ -44,7 +45,7 @@ def get_config(arg: str | None = None):
         # The committed teacher (models/toy/teacher): 6284 steps of 128 (5 min on one H100, about
         # 2 h on a 2-core CPU); the learning rate is constant after warm-up.
         c.total_steps = 6284
-        c.model.update(pretrained="runs/toy/base", dtype="float32", remat="none", encoder_dtype="float32")
+        c.model.update(pretrained=str(INIT), dtype="float32", remat="none", encoder_dtype="float32")
         c.data.update(toy=True, batch_size=128, caption_dropout=0.1, num_threads=2, prefetch=4,
                       text_bucket=16)  # captions are ~10 tokens: pad to 16, not 64
         c.flow_matching.shift = 3.0  # train where the shift-3 sampling grid spends its steps

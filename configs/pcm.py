@@ -3,8 +3,8 @@
 Variants:
   qwen_image  (default) Qwen-Image, LoRA rank 64 (attention, MLP, modulation), bf16 compute, full
               remat, FSDP over all devices; teacher CFG 4; 2 phases at shift 3 (edge sigma 0.75).
-  toy         the toy world: full weights from the committed toy teacher (`make demo` assembles
-              it into runs/demo/teacher), CFG 2 as the teacher is sampled.
+  toy         the toy world: full weights from the committed toy teacher (models/toy/teacher,
+              loaded as it is), CFG 2 as the teacher is sampled.
 The export (<workdir>/export) is the warm start of configs/dmd2.py (`--config.distill.student_init`).
 """
 

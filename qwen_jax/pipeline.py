@@ -43,6 +43,7 @@ from qwen_jax.models.text_encoder import QwenTextEncoder, TextEncoderConfig
 from qwen_jax.models.text_encoder import abstract_model as abstract_text_encoder
 from qwen_jax.sampling import prompts as prompt_lib
 from qwen_jax.sampling import sampler
+from qwen_jax.toy.folders import is_toy_model_folder, resolve_toy_folder
 
 # Qwen-Image's recommended sizes (width, height) at ~1.3 MP, and the same shapes at 2K.
 ASPECT_RATIOS = {"1:1": (1328, 1328), "16:9": (1664, 928), "9:16": (928, 1664), "4:3": (1472, 1104),
@@ -269,13 +270,17 @@ def is_converted(folder: Path) -> bool:
 
 
 def resolve_folder(name_or_path: str | os.PathLike, cache_dir: str | os.PathLike | None = None) -> Path:
-    """A converted folder for a converted folder, a diffusers folder or a hub id (converted once)."""
+    """A converted folder for a converted folder, a diffusers folder or a hub id (converted once), or
+    a toy model folder (`toy/folders.py`: linked to its family's shared parts, built once)."""
     path = Path(name_or_path).expanduser()
     if path.exists():
         if is_converted(path):
             return path
+        if is_toy_model_folder(path):  # models/toy/*: the family's shared parts are built on demand
+            return resolve_toy_folder(path, cache_dir)
         if not is_pipeline_folder(path):
-            raise ConversionError(f"{path}: neither a converted qwen_jax folder nor a diffusers Qwen-Image folder")
+            raise ConversionError(f"{path}: neither a converted qwen_jax folder, a toy model folder (toy.json) "
+                                  "nor a diffusers Qwen-Image folder")
         source = path.resolve()
     elif re.fullmatch(r"[\w.-]+/[\w.-]+", str(name_or_path)):
         source = _download(str(name_or_path))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from qwen_jax.toy.folders import TEACHER
 from qwen_jax.training.defaults import base_config
 
 
@@ -64,8 +65,8 @@ def distill_config(objective: str, variant: str = "qwen_image") -> ml_collection
         c.data.batch_size = 16
         c.distill.guidance = 4.0
         c.eval.update(every=500, prompts=QWEN_IMAGE_PROMPTS)
-    elif variant == "toy":  # `make demo` assembles the committed teacher into runs/demo/teacher
-        c.model.update(pretrained="runs/demo/teacher", dtype="float32", remat="none", encoder_dtype="float32")
+    elif variant == "toy":  # the committed teacher, loaded as it is (qwen_jax/toy/folders.py)
+        c.model.update(pretrained=str(TEACHER), dtype="float32", remat="none", encoder_dtype="float32")
         c.data.update(toy=True, num_threads=2, prefetch=4, text_bucket=16)
         c.ema.decay = 0.99
         c.distill.guidance = 2.0

@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
-from pathlib import Path
 
 import numpy as np
 from flax import nnx
@@ -29,8 +27,8 @@ from qwen_jax.models.random_init import random_module
 from qwen_jax.pytree import flatten_params
 
 TOY_SHIFT = 3.0
-REPO = Path(__file__).resolve().parents[2]
-TEACHER = REPO / "models" / "toy" / "teacher"   # the committed teacher: transformer/ + toy.json
+# Part of the cache key of a built family (`toy/folders.py`): bump it when what a seed builds changes.
+FAMILY_VERSION = "v1"
 
 
 def toy_transformer_config(**runtime) -> TransformerConfig:
@@ -69,20 +67,6 @@ def build_toy_pipeline(out, seed: int = 0, overwrite: bool = False, transformer:
                   text_encoder=text_encoder, tokenizer=build_qwen_tokenizer(),
                   scheduler=flow.SchedulerConfig.fixed_shift(TOY_SHIFT), overwrite=overwrite)
     return digest
-
-
-def assemble(model_dir: Path, out: Path) -> Path:
-    """A committed toy model folder (transformer/ + toy.json with the text encoder's digest) -> a
-    pipeline folder at `out`; an existing `out` is reused only if it was built from the same folder."""
-    meta = json.loads((model_dir / "toy.json").read_text())
-    if out.exists():
-        built = json.loads((out / "toy.json").read_text()) if (out / "toy.json").exists() else {}
-        if built.get("source") == str(model_dir) and built.get("text_encoder_sha256") == meta["text_encoder_sha256"]:
-            return out
-        raise FileExistsError(f"{out} exists and was not built from {model_dir}; remove it or choose another --out")
-    build_toy_pipeline(out, transformer=str(model_dir / "transformer"), expect_digest=meta["text_encoder_sha256"])
-    (out / "toy.json").write_text(json.dumps({**meta, "source": str(model_dir)}, indent=2))
-    return out
 
 
 def main(argv=None) -> int:

@@ -3,10 +3,10 @@
     python -m qwen_jax.toy.demo [--out runs/demo] [--seeds 2] [--retrain [--train-steps N]]
                                 [--pcm-steps 150] [--dmd2-steps 150] [--no-distill]
 
-1. assembles the committed teacher (`models/toy/teacher`: a trained transformer and the digest
-   of the text encoder it was trained with) into a full pipeline folder `runs/demo/teacher`,
-   regenerating the frozen text encoder from its seed and refusing a different one; with
-   --retrain it trains the teacher first (`configs/flow_matching.py:toy`, the committed recipe);
+1. takes the committed teacher (`models/toy/teacher`: a trained transformer and the digest of the
+   text encoder it was trained with; the family's shared parts are regenerated from their seed
+   on first use, a different encoder refused: `toy/folders.py`); with --retrain it trains the
+   teacher first (`configs/flow_matching.py:toy`, the committed recipe);
 2. distills a 2-step student from it: the full recipe of `qwen_jax.toy.distill` (PCM warm start,
    then DMD2 + GAN + the regression on teacher pairs, one pair per prompt and seed), shortened
    (150 + 150 iterations, the regression throughout: no second phase without it at this length;
@@ -15,7 +15,7 @@
    teacher at 2 Euler steps (sigmas 1 -> 0.75 -> 0), the student at 2 steps without CFG;
 4. prints one table and writes `runs/demo/compare.png` (the same prompts and seeds side by side).
 
-Every folder it leaves under --out (teacher, student) loads with `python -m qwen_jax.sample --model`.
+Every model folder it uses or leaves (the teacher, <out>/student) loads with `python -m qwen_jax.sample --model`.
 """
 
 from __future__ import annotations
@@ -27,31 +27,22 @@ import sys
 import time
 from pathlib import Path
 
+from qwen_jax.conversion.errors import ConversionError
+
 REPO = Path(__file__).resolve().parents[2]
 
 
 def retrain(out: Path, steps: int | None) -> Path:
-    """Trains the teacher with the committed recipe; returns a model folder like models/toy/teacher."""
-    from qwen_jax.pipeline import load_text_encoder
-    from qwen_jax.toy.build import build_toy_pipeline, text_encoder_digest
-
-    base, workdir = out / "base", out / "teacher_run"
-    # The digest recorded beside the new teacher is that of the encoder it is trained with: the one in
-    # `base`, whether built now or by an earlier run (which may have used another seed or jax version).
-    digest = (build_toy_pipeline(base) if not base.exists()
-              else text_encoder_digest(load_text_encoder(base / "text_encoder")))
+    """Trains the teacher with the committed recipe (from models/toy/init); returns its export, a
+    pipeline folder."""
+    workdir = out / "teacher_run"
     cmd = [sys.executable, "-m", "qwen_jax.train", f"--config={REPO / 'configs' / 'flow_matching.py'}:toy",
-           f"--workdir={workdir}", f"--config.model.pretrained={base}"]
+           f"--workdir={workdir}"]
     if steps:
         cmd.append(f"--config.total_steps={steps}")
     print("training the teacher:", " ".join(cmd), flush=True)
     subprocess.run(cmd, check=True)
-    model_dir = out / "teacher_model"
-    model_dir.mkdir(exist_ok=True)
-    if not (model_dir / "transformer").exists():
-        (model_dir / "transformer").symlink_to((workdir / "export" / "transformer").resolve())
-    (model_dir / "toy.json").write_text(json.dumps({"text_encoder_sha256": digest, "command": " ".join(cmd)}))
-    return model_dir
+    return workdir / "export"
 
 
 def main(argv=None) -> int:
@@ -69,8 +60,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-distill", action="store_true", help="only the teacher, at 50 and 2 steps")
     args = p.parse_args(argv)
 
-    from qwen_jax.toy.build import TEACHER
     from qwen_jax.toy.distill import distill
+    from qwen_jax.toy.folders import TEACHER
 
     start = time.perf_counter()
     out = Path(args.out).absolute()
@@ -81,7 +72,7 @@ def main(argv=None) -> int:
         distill(out, pcm_steps=steps[0], dmd2_steps=steps[1], seeds=args.seeds, prompts=args.prompts,
                 teacher_steps=args.teacher_steps, guidance=args.guidance, teacher_source=source,
                 pairs_per_prompt=args.seeds)
-    except (FileExistsError, FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError, ConversionError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"demo finished in {time.perf_counter() - start:.0f} s")

@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from qwen_jax.conversion.errors import ConversionError
+
 REPO = Path(__file__).resolve().parents[2]
 COMPARE_PROMPTS = 12
 REGRESSION_WEIGHT = 1.0  # DMD2's weight on the teacher-pair regression (docs/distillation.md)
@@ -87,14 +89,16 @@ def distill(out: Path, *, pcm_steps: int, dmd2_steps: int, gan: bool = True, ext
     folder like models/toy/teacher), then the evaluation; returns {label: metrics}. With
     `regression` > 0, DMD2 also regresses on `pairs_per_prompt` teacher samples per prompt, for
     its first `regression_steps` iterations (None: all of them; 0: none)."""
+    from qwen_jax.pipeline import resolve_folder
     from qwen_jax.toy import all_prompts
-    from qwen_jax.toy.build import TEACHER, assemble
+    from qwen_jax.toy.folders import TEACHER
 
     if regression_steps is not None and regression_steps < 0:
         raise ValueError(f"--regression-steps={regression_steps}: must be >= 0 (0: no regression)")
     out = out.absolute()
     out.mkdir(parents=True, exist_ok=True)
-    teacher = assemble(teacher_source or TEACHER, out / "teacher")
+    teacher = Path(teacher_source or TEACHER).absolute()
+    resolve_folder(teacher)  # a toy model folder's shared parts are built (and checked) once, here
     student = None
     if pcm_steps:
         student = train_stage("pcm", out, teacher, pcm_steps, list(extra_pcm))
@@ -143,7 +147,7 @@ def main(argv=None) -> int:
                 extra_pcm=args.pcm_override, extra_dmd2=args.dmd2_override, seeds=args.seeds, prompts=args.prompts,
                 regression=args.regression, regression_steps=args.regression_steps,
                 pairs_per_prompt=args.pairs_per_prompt)
-    except (FileExistsError, FileNotFoundError, ValueError, subprocess.CalledProcessError) as e:
+    except (FileExistsError, FileNotFoundError, ValueError, ConversionError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"finished in {(time.perf_counter() - start) / 60:.1f} min")
