@@ -103,3 +103,21 @@ def test_toy_configs_train_from_a_clean_workdir_and_export(tmp_path):
     train(pcm, tmp_path / "pcm")
     assert export_main(["--workdir", str(tmp_path / "pcm"), "--out", str(tmp_path / "pcm_export")]) == 0
     Pipeline.from_pretrained(tmp_path / "pcm_export")
+
+
+def test_family_transformer_starts_adaln_zero_for_both_token_sizes():
+    """The family's random transformer outputs exactly 0 (adaLN-zero) and knows its token size."""
+    from qwen_jax.models import QwenImageTransformer
+    from qwen_jax.models.random_init import random_module
+    from qwen_jax.toy.build import adaln_zero, token_pixels_of, toy_transformer_config
+
+    for pixels, grid in ((4, 8), (2, 16)):
+        cfg = toy_transformer_config(pixels)
+        assert token_pixels_of(cfg) == pixels
+        model = adaln_zero(random_module(QwenImageTransformer, cfg, 0))
+        x = jax.random.normal(jax.random.key(0), (2, grid * grid, cfg.in_channels))
+        text = jax.random.normal(jax.random.key(1), (2, 5, cfg.joint_attention_dim))
+        out = model(x, text, np.ones((2, 5), np.int32), np.array([0.3, 0.9], np.float32), ((1, grid, grid),))
+        assert out.shape == (2, grid * grid, cfg.out_features) and not np.any(np.asarray(out))
+    with pytest.raises(ValueError, match="token_pixels must be one of"):
+        toy_transformer_config(8)

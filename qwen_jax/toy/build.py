@@ -1,9 +1,11 @@
 """The toy model family, built from the real classes: `python -m qwen_jax.toy.build --out DIR`.
 
-    transformer   QwenImageTransformer, width 128 (2 heads x 64), 4 blocks, 64 tokens of 4x4 pixels
-                  (in_channels 48 = 2x2 packing of the codec's 12 channels), text width 64;
-                  random (seeded): the flow-matching trainer turns it into the teacher
-    vae           PixelShuffleCodec(factor 2): exact, parameter-free (`models/codec.py` says why)
+    transformer   QwenImageTransformer, width 128 (2 heads x 64), 4 blocks, text width 64; 64 tokens
+                  of 4x4 pixels (in_channels 48 = 2x2 packing of the codec's 12 channels) or, with
+                  --token-pixels 2, 256 tokens of 2x2 pixels (in_channels 12); random (seeded,
+                  adaLN-zero): the flow-matching trainer turns it into the teacher
+    vae           PixelShuffleCodec(factor token_pixels / 2): exact, parameter-free (`models/codec.py`
+                  says why)
     text_encoder  TextEncoderConfig.tiny(): a 2-layer, width-64 Qwen2.5-VL text model, random with a
                   fixed seed and frozen; it still separates the 168 captions
     tokenizer     the real Qwen2.5-VL tokenizer, rebuilt offline (`qwen_jax.tokenizer`)
@@ -14,8 +16,10 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import math
 import sys
 
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
@@ -27,13 +31,39 @@ from qwen_jax.models.random_init import random_module
 from qwen_jax.pytree import flatten_params
 
 TOY_SHIFT = 3.0
-# Part of the cache key of a built family (`toy/folders.py`): bump it when what a seed builds changes.
-FAMILY_VERSION = "v1"
+# Part of the cache key of a built family (`toy/folders.py`): bump it when what a seed builds
+# changes. v2: the random transformer starts adaLN-zero (`adaln_zero`).
+FAMILY_VERSION = "v2"
+TOKEN_PIXELS = (4, 2)  # pixels per side of one transformer token; the codec's factor is half of it
 
 
-def toy_transformer_config(**runtime) -> TransformerConfig:
-    return TransformerConfig(patch_size=2, in_channels=48, out_channels=12, num_layers=4, attention_head_dim=64,
-                             num_attention_heads=2, joint_attention_dim=64, axes_dims_rope=(16, 24, 24), **runtime)
+def toy_transformer_config(token_pixels: int = 4, **runtime) -> TransformerConfig:
+    """The family's transformer for tokens of `token_pixels` x `token_pixels` pixels (the codec
+    folds token_pixels / 2 pixels per side into channels; the transformer packs 2x2 latents)."""
+    if token_pixels not in TOKEN_PIXELS:
+        raise ValueError(f"token_pixels must be one of {TOKEN_PIXELS}, got {token_pixels}")
+    channels = 3 * (token_pixels // 2) ** 2
+    return TransformerConfig(patch_size=2, in_channels=4 * channels, out_channels=channels, num_layers=4,
+                             attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64,
+                             axes_dims_rope=(16, 24, 24), **runtime)
+
+
+def token_pixels_of(cfg: TransformerConfig) -> int:
+    """Inverse of `toy_transformer_config`: the token size a toy transformer was built for."""
+    factor = math.isqrt(cfg.out_channels // 3)
+    if cfg.patch_size != 2 or 3 * factor * factor != cfg.out_channels:
+        raise ValueError(f"not a toy transformer: patch {cfg.patch_size}, {cfg.out_channels} output channels")
+    return 2 * factor
+
+
+def adaln_zero(model: QwenImageTransformer) -> QwenImageTransformer:
+    """Zeroes every modulation and the output projection (DiT's adaLN-Zero): each block starts as
+    the identity and the model outputs 0, so early training spends no steps undoing random gates."""
+    for lin in (model.transformer_blocks.img_mod, model.transformer_blocks.txt_mod, model.norm_out.linear,
+                model.proj_out):
+        lin.kernel[...] = jnp.zeros_like(lin.kernel[...])
+        lin.bias[...] = jnp.zeros_like(lin.bias[...])
+    return model
 
 
 def text_encoder_digest(text_encoder) -> str:
@@ -47,10 +77,11 @@ def text_encoder_digest(text_encoder) -> str:
 
 
 def build_toy_pipeline(out, seed: int = 0, overwrite: bool = False, transformer: str | None = None,
-                       expect_digest: str | None = None) -> str:
+                       expect_digest: str | None = None, token_pixels: int = 4) -> str:
     """Writes the toy pipeline folder; `transformer` reuses a trained transformer folder (the
-    committed teacher) instead of a random one. Returns the text encoder's digest; with
-    `expect_digest`, a different regenerated encoder is an error and nothing is written."""
+    committed teacher) instead of a random one (adaLN-zero, `token_pixels` per token); the codec
+    follows the transformer. Returns the text encoder's digest; with `expect_digest`, a
+    different regenerated encoder is an error and nothing is written."""
     from qwen_jax.checkpoints import load_transformer
     from qwen_jax.pipeline import save_pipeline
     from qwen_jax.tokenizer import build_qwen_tokenizer
@@ -62,9 +93,9 @@ def build_toy_pipeline(out, seed: int = 0, overwrite: bool = False, transformer:
                          f"transformer was trained with (sha256 {digest[:12]} != {expect_digest[:12]}); "
                          "a different jax/flax version may initialise differently")
     model = (load_transformer(transformer) if transformer
-             else random_module(QwenImageTransformer, toy_transformer_config(), seed))
-    save_pipeline(out, transformer=model, vae=PixelShuffleCodec(PixelShuffleConfig(factor=2)),
-                  text_encoder=text_encoder, tokenizer=build_qwen_tokenizer(),
+             else adaln_zero(random_module(QwenImageTransformer, toy_transformer_config(token_pixels), seed)))
+    codec = PixelShuffleCodec(PixelShuffleConfig(factor=token_pixels_of(model.config) // 2))
+    save_pipeline(out, transformer=model, vae=codec, text_encoder=text_encoder, tokenizer=build_qwen_tokenizer(),
                   scheduler=flow.SchedulerConfig.fixed_shift(TOY_SHIFT), overwrite=overwrite)
     return digest
 
@@ -75,11 +106,14 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="pipeline folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random transformer and text encoder")
     p.add_argument("--transformer", help="a trained transformer folder to use (e.g. models/toy/teacher/transformer)")
+    p.add_argument("--token-pixels", type=int, default=4, choices=TOKEN_PIXELS,
+                   help="pixels per token side of the random transformer (ignored with --transformer)")
     p.add_argument("--expect-digest", help="fail unless the regenerated text encoder has this sha256")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
-        digest = build_toy_pipeline(args.out, args.seed, args.overwrite, args.transformer, args.expect_digest)
+        digest = build_toy_pipeline(args.out, args.seed, args.overwrite, args.transformer, args.expect_digest,
+                                    args.token_pixels)
     except (FileNotFoundError, FileExistsError, ValueError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

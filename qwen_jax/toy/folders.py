@@ -5,7 +5,8 @@ A toy model folder holds only what is its own:
     toy.json      {"text_encoder_sha256": the digest of the family's text encoder it was trained
                    with, "seed": the family seed (default 0), "transformer": "random" for a
                    folder with no trained weights (the family's random transformer, a training
-                   start), plus free-form provenance: recipe, scores}
+                   start, with "token_pixels": 4 or 2, default 4), plus free-form provenance:
+                   recipe, scores}
     transformer/  the trained transformer (config.json + params/), unless "transformer" is "random"
 
 The rest of a pipeline (the seeded text encoder, the real tokenizer, the pixel-shuffle codec,
@@ -15,8 +16,9 @@ returns a pipeline folder of links, so `Pipeline.from_pretrained`, `python -m qw
 --model`, `python -m qwen_jax.eval.toy --model`, exports and `--config.model.pretrained` take a
 toy model folder like any converted one (`pipeline.resolve_folder` sends them here):
 
-    <cache>/toy-models/family-<version>-s<seed>-<digest[:12]>/   the family, built once (a full
-        pipeline folder; its transformer is the family's random one)
+    <cache>/toy-models/family-<version>-s<seed>-px<token pixels>-<digest[:12]>/   the family, built
+        once (a full pipeline folder: the codec that matches the token size, the family's random
+        transformer)
     <cache>/toy-models/<name>-<key>/     transformer -> <model folder>/transformer (or the
         family's random one), text_encoder, tokenizer, vae, scheduler -> the family's
     (<cache> is `pipeline.default_cache_dir()` unless given; key: the folder's path and toy.json)
@@ -63,6 +65,19 @@ def read_meta(folder: Path) -> dict:
     return meta
 
 
+def token_pixels(folder: Path, meta: dict) -> int:
+    """Pixels per token side: the trained transformer's own, or toy.json's for a random one (default 4)."""
+    from qwen_jax.checkpoints import read_config
+    from qwen_jax.toy.build import token_pixels_of
+
+    if meta.get("transformer") == "random":
+        return int(meta.get("token_pixels", 4))
+    try:
+        return token_pixels_of(read_config(folder / "transformer"))
+    except ValueError as e:
+        raise ConversionError(f"{folder / 'transformer'}: {e}") from None
+
+
 def _publish(tmp: Path, target: Path) -> None:
     """Renames a finished `tmp` to `target`; another process that got there first wins (same content)."""
     try:
@@ -73,17 +88,17 @@ def _publish(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def family_folder(seed: int, digest: str, root: Path) -> Path:
-    """The family's pipeline folder for (seed, digest) under `root`, built on first use."""
+def family_folder(seed: int, digest: str, token_pixels: int, root: Path) -> Path:
+    """The family's pipeline folder for (seed, digest, token size) under `root`, built on first use."""
     from qwen_jax.toy.build import FAMILY_VERSION, build_toy_pipeline
 
-    target = root / f"family-{FAMILY_VERSION}-s{seed}-{digest[:12]}"
+    target = root / f"family-{FAMILY_VERSION}-s{seed}-px{token_pixels}-{digest[:12]}"
     if (target / "scheduler").is_dir():
         return target
     tmp = root / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_toy_pipeline(tmp, seed=seed, expect_digest=digest)
+        build_toy_pipeline(tmp, seed=seed, expect_digest=digest, token_pixels=token_pixels)
     except ValueError as e:  # the digest check
         raise ConversionError(str(e)) from None
     _publish(tmp, target)
@@ -98,7 +113,7 @@ def resolve_toy_folder(folder: str | os.PathLike, cache_dir: str | os.PathLike |
     meta = read_meta(folder)
     root = Path(cache_dir or default_cache_dir()) / "toy-models"
     root.mkdir(parents=True, exist_ok=True)
-    family = family_folder(int(meta.get("seed", 0)), meta["text_encoder_sha256"], root)
+    family = family_folder(int(meta.get("seed", 0)), meta["text_encoder_sha256"], token_pixels(folder, meta), root)
     key = hashlib.sha256(str(folder).encode() + (folder / META_FILE).read_bytes()).hexdigest()[:12]
     target = root / f"{folder.name}-{key}"
     if (target / META_FILE).is_file():
