@@ -1,26 +1,30 @@
-"""GPU checks for the transformer: cuDNN attention against XLA's, sampling speed and MFU, a gradient step.
+"""GPU check of the transformer in one run (under 8 minutes on one H100/H200): speed, MFU, kernels, DMD2.
 
-Prints one JSON line (a failing section is recorded under "errors"; sections past the time budget
-under "skipped"). Checks, all in bf16:
-  * attention: `cudnn` vs `xla` on (2, 128 + 4096, 24, 128) with padded, holed text masks
-    (relative error, ms);
-  * flops: the analytic FLOP count of one forward against XLA's cost analysis of a 1-block model
-    (XLA counts a scanned body once, so a deeper model would be undercounted);
-  * sampling: 2-step student sampling (`qwen_jax.sampling.sampler.sample`: 2 transformer forwards
-    and 2 Euler updates, no VAE) with a full-width model of reduced depth (24 x 128 heads, text dim
-    3584, `--blocks` blocks, random weights) at 1024x1024 (4096 image tokens) and 2048x2048
-    (16384 tokens) with 128 text tokens of which 77 are real, for `xla` and `cudnn`: median seconds,
-    first-call seconds, achieved TFLOP/s, MFU (against the card's dense bf16 peak; null for
-    cards not in `PEAK_BF16`), and cudnn-vs-xla output error;
-  * grad: value_and_grad through the scan with remat "save_attn_out" and cuDNN attention at 1024².
+One JSON line; a failing section (or sampling kernel) goes under "errors", one starting after
+`--budget-s` under "skipped". All bf16, random weights made on the device, full width (24 x 128
+heads, text 3584; 128 text tokens, 77 real) at two depths, `--blocks` and twice that, through which
+time = fixed + per_block x blocks is fitted and extrapolated to the 60-block model (s, TFLOP/s, MFU
+against the card's dense bf16 peak, `PEAK_BF16`; null for other cards). Sections:
+  attention       `cudnn` vs `xla` on (2, 128 + 4096, 24, 128), padded holed text masks (error, ms)
+  flops           the analytic FLOPs of a forward vs XLA's cost analysis of a 1-block model
+  forward_1328    one forward, batch 1, 1328² (6,889 image tokens): compile s, median s, the fit
+  sampling_2048   the 2-step student sampler (`sampler.sample`, no VAE), 4 images of 2048² (16,384
+                  tokens each), per kernel (`xla`, `cudnn` on a GPU): the same, and their parity
+  dmd2_lora_step  one DMD2 iteration (generator + critic turn: `dmd2.Trainer`'s jitted steps) of
+                  configs/dmd2.py's qwen_image recipe (LoRA 64 student and fake score on a frozen
+                  base, CFG teacher, GAN heads, full remat) at `--blocks` blocks, batch 2 at 1024²:
+                  compile s per turn, step s, finite losses
 
-Run on a GPU machine: PYTHONPATH=. python bench/gpu_check.py   (sections starting after `--budget-s`, 7 min, are skipped)
+Run on a GPU machine: PYTHONPATH=. python bench/gpu_check.py [--blocks 4] [--budget-s 420]
 `--smoke` runs every section with tiny sizes (on a CPU: XLA attention only) to check the script.
 """
 
 import argparse
+import functools
+import importlib.util
 import json
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,22 +32,20 @@ import numpy as np
 from flax import nnx
 
 from qwen_jax import flow
+from qwen_jax import sharding as sharding_lib
+from qwen_jax.distillation import dmd2
 from qwen_jax.models import QwenImageTransformer, TransformerConfig
 from qwen_jax.models.attention import attention
 from qwen_jax.sampling import sampler
+from qwen_jax.training import state as state_lib
 
 # Dense (no sparsity) bf16 tensor-core peaks in FLOP/s, matched as substrings of
 # `device_kind`, first match wins (so "H100 PCIe" before "H100", "L40S"/"L40" before "L4").
-PEAK_BF16 = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),  # SXM
-    ("H200", 989e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-    ("L40", 181e12),
-    ("L4", 121e12),
-)
-TEXT_TOKENS, TEXT_REAL = 128, 77
+PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989e12), ("H200", 989e12), ("A100", 312e12),  # H100: SXM
+             ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12))
+TEXT_TOKENS, TEXT_REAL, NEG_REAL = 128, 77, 8  # the negative prompt " " encodes to a few tokens
+FULL_DEPTH = 60  # Qwen-Image's blocks: what the measured depths are extrapolated to
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -85,17 +87,45 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def seconds(fn, reps: int) -> tuple[float, float]:
-    """(first call incl. compile, median of `reps` later calls) in seconds."""
+def describe(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e)[:500]}"
+
+
+def compiled(jitted, *args, **static):
+    """(executable, seconds to lower and compile): compile time kept apart from run time."""
     start = time.perf_counter()
+    exe = jitted.lower(*args, **static).compile()
+    return exe, time.perf_counter() - start
+
+
+def median_s(fn, reps: int) -> float:
+    """Median seconds of `reps` calls after one untimed call (first-run allocations, autotuning)."""
     jax.block_until_ready(fn())
-    first = time.perf_counter() - start
     times = []
     for _ in range(reps):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return first, float(np.median(times))
+    return float(np.median(times))
+
+
+def rate(flop: float, s: float, peak: float | None) -> dict:
+    """TFLOP/s and MFU to 4 significant digits (a tiny smoke model's rate rounds to 0 in decimals)."""
+    achieved = flop / s
+    mfu = None if peak is None else float(f"{achieved / peak:.4g}")
+    return {"tflop_per_s": float(f"{achieved / 1e12:.4g}"), "mfu": mfu}
+
+
+def depth_fit(times: dict[int, float], flop_full: float, peak: float | None) -> dict:
+    """time = fixed + per_block * blocks through the two measured depths, and what it predicts for
+    60 blocks: the blocks are identical and scanned, so only the work outside them (embeddings,
+    output projection, the sampler's updates, launch overhead) does not scale with depth."""
+    (d0, t0), (d1, t1) = sorted(times.items())
+    per_block = (t1 - t0) / (d1 - d0)
+    fixed = t0 - per_block * d0
+    full = fixed + per_block * FULL_DEPTH
+    return {"fixed_s": round(fixed, 5), "per_block_s": round(per_block, 5), "predicted_60_blocks_s": round(full, 4),
+            "flop_60_blocks": flop_full, **{f"{k}_60_blocks": v for k, v in rate(flop_full, full, peak).items()}}
 
 
 def text_inputs(key, batch: int, cfg: TransformerConfig, length: int, real: int):
@@ -108,6 +138,7 @@ def text_inputs(key, batch: int, cfg: TransformerConfig, length: int, real: int)
     return text, mask.astype(jnp.int32)
 
 
+@functools.cache  # one state per depth, shared by the forward and the sampling sections
 def random_state(cfg: TransformerConfig):
     """Random parameters created on the device (no host copy)."""
     return jax.jit(lambda: nnx.split(QwenImageTransformer(cfg, rngs=nnx.Rngs(0)))[1])()
@@ -129,7 +160,7 @@ def check_attention(result, impls, shape, reps):
     for impl in impls:
         fn = jax.jit(lambda q, k, v, m, impl=impl: attention(q, k, v, m, impl))
         outs[impl] = fn(q, k, v, kv_mask).astype(jnp.float32)
-        ms[impl] = round(1e3 * seconds(lambda fn=fn: fn(q, k, v, kv_mask), reps)[1], 3)
+        ms[impl] = round(1e3 * median_s(lambda fn=fn: fn(q, k, v, kv_mask), reps), 3)
     result["attention"] = {"shape_b_txt_img_h_d": list(shape), "ms": ms}
     if "cudnn" in outs:
         result["attention"]["rel_err_cudnn_vs_xla"] = rel(outs["cudnn"], outs["xla"])
@@ -160,88 +191,182 @@ def check_flops(result, cfg, n_img):
         "xla_lowered_over_analytic_as_counted": None if xla is None else round(xla / as_counted, 4)}
 
 
-def check_sampling(result, cfg, state, impls, sizes, peak, reps):
-    out = result.setdefault("sampling", {})
+@functools.partial(jax.jit, static_argnames=("graphdef", "img_shapes"))
+def forward(graphdef, state, x, text, mask, t, *, img_shapes):
+    """One transformer forward, called as `sampler.sample` is (graphdef and grid static)."""
+    return nnx.merge(graphdef, state)(x, text, mask, t, img_shapes)
+
+
+def measure_depths(fn, cfg, depths, impl, args, grid, flop_at, peak, reps):
+    """`fn(graphdef, state, *args, img_shapes=grid)` with kernel `impl` at each depth: compile
+    seconds, median seconds, TFLOP/s and MFU (`flop_at(depth)`), the fit to 60 blocks.
+    Returns (row, the first depth's output)."""
+    row, times, out = {"depths": {}}, {}, None
+    for depth in depths:
+        deep = cfg.replace(num_layers=depth)
+        state = random_state(deep)
+        exe, compile_s = compiled(fn, graphdef_for(deep, impl), state, *args, img_shapes=grid)
+        times[depth] = median_s(lambda: exe(state, *args), reps)
+        out = exe(state, *args).astype(jnp.float32) if out is None else out
+        row["depths"][str(depth)] = {"compile_s": round(compile_s, 2), "s": round(times[depth], 5),
+                                     "flop": flop_at(depth), **rate(flop_at(depth), times[depth], peak)}
+    return {**row, **depth_fit(times, flop_at(FULL_DEPTH), peak)}, out
+
+
+def check_forward(result, cfg, depths, size, impl, peak, reps):
+    """One bf16 forward, batch 1, at each depth; the fit to 60 blocks."""
+    side = size // 16  # 8x VAE, 2x2 patches
+    x = jax.random.normal(jax.random.key(5), (1, side * side, cfg.in_channels), jnp.bfloat16)
+    text, mask = text_inputs(jax.random.key(6), 1, cfg, TEXT_TOKENS, TEXT_REAL)
+    args = (x, text, mask, jnp.array([0.7]))
+
+    def flop_at(depth):
+        return forward_flops(cfg.replace(num_layers=depth), 1, side * side, TEXT_TOKENS)
+
+    row, _ = measure_depths(forward, cfg, depths, impl, args, ((1, side, side),), flop_at, peak, reps)
+    result["forward_1328"] = {"resolution": size, "image_tokens": side * side, "text_tokens": TEXT_TOKENS,
+                              "batch": 1, "attention": impl, **row}
+
+
+def check_sampling(result, cfg, depths, size, batch, impls, peak, reps):
+    """Each kernel apart: one running out of memory (xla's per-head scores at 16k tokens) is
+    recorded under errors["sampling_2048/<kernel>"] and the other still runs."""
+    side = size // 16
     sigmas = jnp.asarray(sampler.student_sigmas(2))
     times = jnp.asarray(flow.model_time(np.asarray(sigmas)[:-1]))
-    text, mask = text_inputs(jax.random.key(1), 1, cfg, TEXT_TOKENS, TEXT_REAL)
-    for size in sizes:
-        side = size // 16  # 8x VAE, 2x2 patches
-        n_img = side * side
-        latents = jax.random.normal(jax.random.key(2), (1, n_img, cfg.in_channels), jnp.float32)
-        flops = 2 * forward_flops(cfg, 1, n_img, TEXT_TOKENS)  # the Euler updates are negligible
-        row, samples = {"image_tokens": n_img, "text_tokens": TEXT_TOKENS, "flop": flops}, {}
-        out[f"{size}px"] = row  # filled in place: a failing kernel keeps the other's numbers
-        for impl in impls:
-            graphdef = graphdef_for(cfg, impl)
+    text, mask = text_inputs(jax.random.key(1), batch, cfg, TEXT_TOKENS, TEXT_REAL)
+    latents = jax.random.normal(jax.random.key(2), (batch, side * side, cfg.in_channels), jnp.float32)
+    args, steps = (latents, sigmas, times, text, mask), len(sigmas) - 1
 
-            def call(graphdef=graphdef, latents=latents, grid=((1, side, side),)):
-                return sampler.sample(graphdef, state, latents, sigmas, times, text, mask, img_shapes=grid)
+    def flop_at(depth):  # the Euler updates are negligible
+        return steps * forward_flops(cfg.replace(num_layers=depth), batch, side * side, TEXT_TOKENS)
 
-            first, median = seconds(call, reps)
-            samples[impl] = call().astype(jnp.float32)
-            achieved = flops / median
-            row[impl] = {"s": round(median, 4), "first_call_s": round(first, 2), "tflop_per_s": round(achieved / 1e12, 2),
-                         "mfu": None if peak is None else round(achieved / peak, 4)}
-        if "cudnn" in samples:
-            row["rel_err_cudnn_vs_xla"] = rel(samples["cudnn"], samples["xla"])
+    row = result["sampling_2048"] = {"resolution": size, "batch": batch, "image_tokens": side * side,
+                                     "text_tokens": TEXT_TOKENS, "steps": steps}
+    images = {}
+    for impl in impls:
+        try:
+            row[impl], images[impl] = measure_depths(sampler.sample, cfg, depths, impl, args, ((1, side, side),),
+                                                     flop_at, peak, reps)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: keep the other kernel's numbers
+            result["errors"][f"sampling_2048/{impl}"] = describe(e)
+    if "cudnn" in images and "xla" in images:
+        row["rel_err_cudnn_vs_xla"] = rel(images["cudnn"], images["xla"])
 
 
-def check_grad(result, cfg, state, impl, size, reps):
-    side = size // 16
-    x = jax.random.normal(jax.random.key(3), (1, side * side, cfg.in_channels), jnp.bfloat16)
-    text, mask = text_inputs(jax.random.key(4), 1, cfg, TEXT_TOKENS, TEXT_REAL)
-    t = jnp.array([0.7])
-    model = nnx.merge(graphdef_for(cfg.replace(remat="save_attn_out"), impl), state)
-    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-
-    def loss(p):
-        y = nnx.merge(graphdef, p, rest)(x, text, mask, t, ((1, side, side),))
-        return jnp.mean(jnp.square(y.astype(jnp.float32)))
-
-    step = jax.jit(jax.value_and_grad(loss))
-    first, median = seconds(lambda: step(params), reps)
-    _, grads = step(params)
-    finite = bool(jax.jit(lambda g: jnp.all(jnp.stack([jnp.isfinite(x).all() for x in jax.tree.leaves(g)])))(grads))
-    result["grad"] = {"attention": impl, "remat": "save_attn_out", "image_tokens": side * side, "finite": finite,
-                      "step_ms": round(1e3 * median, 2), "first_call_s": round(first, 2)}
+def dmd2_config():
+    """configs/dmd2.py's qwen_image recipe with both turns in every iteration."""
+    spec = importlib.util.spec_from_file_location("dmd2_config", ROOT / "configs" / "dmd2.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("qwen_image")
+    config.dmd2.dfake_gen_update_ratio = 1  # an iteration = generator turn + critic turn
+    return config
 
 
-def settings(smoke: bool, blocks: int):
-    """(model config, attention shape, image sizes in px, reps) for a real check or a tiny smoke run."""
+def lora_model(cfg, config, depth, impl):
+    """(graphdef, LoRA tree, frozen base) of a random model as the config builds it, made on the device."""
+    m = config.model
+    cfg = cfg.replace(num_layers=depth, attention=impl, remat=m.remat, lora_rank=m.lora_rank,
+                      lora_alpha=m.lora_alpha or None, param_dtype=m.param_dtype, dtype=m.dtype)
+    graphdef, _, _ = state_lib.split_trainable(nnx.eval_shape(lambda: QwenImageTransformer(cfg, rngs=nnx.Rngs(0))),
+                                               lora=True)
+    trainable, frozen = jax.jit(lambda: state_lib.split_trainable(QwenImageTransformer(cfg, rngs=nnx.Rngs(0)),
+                                                                  lora=True)[1:])()
+    return graphdef, trainable, frozen
+
+
+def dmd2_batch(cfg, mesh, batch: int, size: int, dtype) -> dict:
+    """Random latents, prompts (padded, one with a hole) and negative prompts, placed as train.py places them."""
+    text, mask = text_inputs(jax.random.key(7), batch, cfg, TEXT_TOKENS, TEXT_REAL)
+    neg = jax.random.normal(jax.random.key(8), text.shape, jnp.bfloat16)
+    out = {"latents": jax.random.normal(jax.random.key(9), (batch, size // 8, size // 8, cfg.in_channels // 4)),
+           "prompt_embeds": text.astype(dtype), "prompt_mask": mask, "negative_embeds": neg.astype(dtype),
+           "negative_mask": jnp.broadcast_to(jnp.arange(TEXT_TOKENS) < NEG_REAL, mask.shape).astype(jnp.int32)}
+    return {k: jax.device_put(v, sharding_lib.batch_sharding(mesh, v.ndim)) for k, v in out.items()}
+
+
+def run_turns(exes: dict, state, args, iterations: int):
+    """`iterations` DMD2 iterations (each turn in order, as `Trainer.step` at ratio 1), timed per
+    turn; returns (seconds per turn per iteration, metrics per turn in call order)."""
+    times, metrics = {turn: [] for turn in exes}, []
+    for _ in range(iterations):
+        for turn, exe in exes.items():
+            start = time.perf_counter()
+            state, m = jax.block_until_ready(exe(state, *args))  # the state is donated: rebind it
+            times[turn].append(time.perf_counter() - start)
+            metrics.append(jax.device_get(m))
+    return times, metrics
+
+
+def check_dmd2(result, cfg, depth, size, batch_size, impl, reps):
+    config = dmd2_config()
+    mesh = sharding_lib.make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    graphdef, trainable, frozen = lora_model(cfg, config, depth, impl)
+    trainer = dmd2.Trainer(config, graphdef, trainable, frozen, mesh)
+    state, batch = trainer.init_state(), dmd2_batch(cfg, mesh, batch_size, size, config.model.encoder_dtype)
+    args = (trainer.teacher, frozen, batch)
+    with jax.set_mesh(mesh):  # as train.py runs the steps
+        steps = trainer.jitted_steps()
+        exes, compile_s = {}, {}
+        for turn in ("generator", "critic"):
+            exes[turn], compile_s[turn] = compiled(steps[turn], state, *args)
+        times, metrics = run_turns(exes, state, args, 1 + reps)  # the first iteration untimed
+    losses = {f"{turn}/{k}": float(v) for turn, m in zip(exes, metrics) for k, v in m.items() if "loss" in k}
+    finite = all(np.isfinite(np.asarray(v, np.float64)).all() for m in metrics for v in m.values())
+    result["dmd2_lora_step"] = {
+        "resolution": size, "batch": batch_size, "image_tokens": (size // 16) ** 2, "text_tokens": TEXT_TOKENS,
+        "blocks": depth, "lora_rank": config.model.lora_rank, "attention": impl, "remat": config.model.remat,
+        "gan_blocks": list(trainer.blocks), "compile_s": {k: round(v, 2) for k, v in compile_s.items()},
+        "turn_s": {k: round(float(np.median(v[1:])), 4) for k, v in times.items()},
+        "step_s": round(float(np.median(np.add(times["generator"][1:], times["critic"][1:]))), 4),
+        "exit_steps": [int(m["exit_step"]) for m in metrics[::2]], "first_losses": losses, "finite": bool(finite)}
+
+
+def settings(smoke: bool, blocks: int) -> dict:
+    """Sizes for a real check, or a tiny smoke run (its depths far apart: a per-block time that
+    stands out of a loaded CPU's noise)."""
     if smoke:
-        cfg = TransformerConfig.tiny(in_channels=64, out_channels=16, num_layers=2)
-        return cfg, (2, 32, 64, 2, 32), (128,), 1
-    cfg = TransformerConfig.qwen_image(num_layers=blocks)
-    return cfg, (2, TEXT_TOKENS, 4096, 24, 128), (1024, 2048), 5
+        return dict(cfg=TransformerConfig.tiny(in_channels=64, out_channels=16), attention=(2, 32, 64, 2, 32),
+                    depths=(1, 8), forward_px=128, sample_px=128, dmd2_px=64, reps=3)
+    return dict(cfg=TransformerConfig.qwen_image(), attention=(2, TEXT_TOKENS, 4096, 24, 128),
+                depths=(blocks, 2 * blocks), forward_px=1328, sample_px=2048, dmd2_px=1024, reps=5)
+
+
+def sections(result, s: dict, impls, peak) -> dict:
+    cfg, depths, reps, fast = s["cfg"], s["depths"], s["reps"], impls[-1]  # cudnn where there is one
+
+    def dmd2_step():
+        random_state.cache_clear()  # the full-width bf16 states are no longer needed
+        check_dmd2(result, cfg, depths[0], s["dmd2_px"], 2, fast, reps)
+
+    return {
+        "attention": lambda: check_attention(result, impls, s["attention"], reps),
+        "flops": lambda: check_flops(result, cfg, (s["forward_px"] // 16) ** 2),
+        "forward_1328": lambda: check_forward(result, cfg, depths, s["forward_px"], fast, peak, reps),
+        "sampling_2048": lambda: check_sampling(result, cfg, depths, s["sample_px"], 4, impls, peak, reps),
+        "dmd2_lora_step": dmd2_step,
+    }
 
 
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--smoke", action="store_true", help="tiny sizes, any backend: checks the script runs")
-    p.add_argument("--blocks", type=int, default=8, help="depth of the full-width model")
+    p.add_argument("--blocks", type=int, default=4, help="the shallower measured depth (the other is twice it)")
     p.add_argument("--budget-s", type=float, default=420, help="skip sections that would start after this")
     args = p.parse_args(argv)
     start = time.perf_counter()
     device = jax.devices()[0]
     peak = peak_flops(device.device_kind)
     impls = ("xla", "cudnn") if device.platform == "gpu" else ("xla",)
-    cfg, attn_shape, sizes, reps = settings(args.smoke, args.blocks)
-    cfg = cfg.replace(param_dtype="bfloat16", dtype="bfloat16")
+    s = settings(args.smoke, args.blocks)
+    s["cfg"] = s["cfg"].replace(param_dtype="bfloat16", dtype="bfloat16")
     result = {"bench": "gpu_check", "device_kind": device.device_kind, "platform": device.platform,
               "jax": jax.__version__, "peak_bf16_tflop_per_s": None if peak is None else peak / 1e12,
-              "model": {"blocks": cfg.num_layers, "width": cfg.inner_dim, "heads": cfg.num_attention_heads},
+              "model": {"depths": list(s["depths"]), "extrapolated_to": FULL_DEPTH, "width": s["cfg"].inner_dim,
+                        "heads": s["cfg"].num_attention_heads},
               "errors": {}, "skipped": [], "section_s": {}}
-    state = random_state(cfg)
-    result["section_s"]["init"] = round(time.perf_counter() - start, 1)
-    sections = {
-        "attention": lambda: check_attention(result, impls, attn_shape, reps),
-        "flops": lambda: check_flops(result, cfg, (sizes[0] // 16) ** 2),
-        **{f"sampling_{size}px": lambda size=size: check_sampling(result, cfg, state, impls, (size,), peak, reps)
-           for size in sizes},
-        "grad": lambda: check_grad(result, cfg, state, impls[-1], sizes[0], reps),
-    }
-    for name, run in sections.items():
+    for name, run in sections(result, s, impls, peak).items():
         if time.perf_counter() - start > args.budget_s:
             result["skipped"].append(name)
             continue
@@ -249,7 +374,7 @@ def main(argv=None):
         try:
             run()
         except Exception as e:  # noqa: BLE001 - one JSON line whatever fails; the error is reported
-            result["errors"][name] = f"{type(e).__name__}: {str(e)[:500]}"
+            result["errors"][name] = describe(e)
         result["section_s"][name] = round(time.perf_counter() - begin, 1)
     result["peak_gib"] = round((device.memory_stats() or {}).get("peak_bytes_in_use", 0) / 2**30, 2)
     result["total_s"] = round(time.perf_counter() - start, 1)

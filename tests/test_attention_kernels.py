@@ -185,12 +185,26 @@ def test_gpu_check_smoke_runs_on_cpu(capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["errors"] == {} and result["skipped"] == []
     assert result["device_kind"] and result["peak_bf16_tflop_per_s"] is None
-    assert result["sampling"]["128px"]["xla"]["s"] > 0 and result["sampling"]["128px"]["xla"]["mfu"] is None
+    assert result["model"]["extrapolated_to"] == 60 and len(result["model"]["depths"]) == 2
     assert 0.9 < result["flops_1_block"]["xla_lowered_over_analytic_as_counted"] < 1.2
-    assert result["grad"]["finite"]
+    # the forward and each sampling kernel: both depths measured, the fit to 60 blocks positive
+    forward, sampling = result["forward_1328"], result["sampling_2048"]
+    assert sampling["batch"] == 4 and "cudnn" not in sampling and "rel_err_cudnn_vs_xla" not in sampling
+    for row in (forward, sampling["xla"]):
+        assert sorted(row["depths"]) == sorted(map(str, result["model"]["depths"]))
+        assert all(d["s"] > 0 and d["compile_s"] > 0 and d["tflop_per_s"] > 0 and d["mfu"] is None
+                   for d in row["depths"].values())
+        assert "fixed_s" in row and row["per_block_s"] > 0 and row["predicted_60_blocks_s"] > 0
+        assert row["tflop_per_s_60_blocks"] > 0 and row["mfu_60_blocks"] is None
+        assert row["flop_60_blocks"] > max(d["flop"] for d in row["depths"].values())
+    dmd = result["dmd2_lora_step"]
+    assert dmd["finite"] and dmd["lora_rank"] == 64 and dmd["step_s"] > 0
+    assert dmd["compile_s"]["generator"] > 0 and dmd["compile_s"]["critic"] > 0
+    assert {"generator/generator_loss", "critic/loss"} <= set(dmd["first_losses"])
     assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu_check.peak_flops("NVIDIA L40S") == 362e12
     assert gpu_check.peak_flops("NVIDIA L4") == 121e12 and gpu_check.peak_flops("Radeon") is None
+    assert gpu_check.depth_fit({4: 1.0, 8: 1.5}, 1e12, 1e12)["predicted_60_blocks_s"] == 0.5 + 0.125 * 60
 
 
 def all_heads_softmax(q, k, v, kv_mask):
