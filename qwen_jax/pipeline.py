@@ -59,8 +59,8 @@ def default_cache_dir() -> Path:
 
 @dataclasses.dataclass
 class PipelineOutput:
-    images: list  # PIL.Image.Image, one per image
-    array: np.ndarray  # (B, H, W, 3) float32 in [0, 1]
+    images: list  # PIL.Image.Image, one per image: `array` rounded to 8 bits (up to 0.5/255 off it)
+    array: np.ndarray  # (B, H, W, 3) float32 in [0, 1]; what diffusers' output_type="np" returns
     latents: np.ndarray | None = None  # (B, L_img, C) packed final latents, before decoding
 
 
