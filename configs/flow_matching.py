@@ -8,12 +8,14 @@ Variants:
                tiny pipeline folder and --config.data.images to a folder.
   toy          the toy world's teacher (qwen_jax.toy): 32x32 procedural shapes, from the toy family's
                random transformer (models/toy/init, built on first use), CFG dropout.
+  toy_px2      the same recipe with 2x2-pixel tokens (models/toy/init_px2): 256 image tokens, about
+               3.7x the compute per image (docs/toy_world.md, "Toward the v2 teacher").
 """
 
-from qwen_jax.toy.folders import INIT
+from qwen_jax.toy.folders import INIT, INIT_PX2
 from qwen_jax.training.defaults import base_config
 
-VARIANTS = ("qwen_image", "qwen_image_full", "tiny", "toy")
+VARIANTS = ("qwen_image", "qwen_image_full", "tiny", "toy", "toy_px2")
 
 
 def get_config(arg: str | None = None):
@@ -41,11 +43,13 @@ def get_config(arg: str | None = None):
         c.checkpoint.update(every=5, keep=2)
         c.log.update(every=1, progress=False)
         c.eval.update(every=10, prompts=("a red circle", "a blue square"), width=32, height=32, num_steps=4)
-    elif variant == "toy":
-        # The committed teacher (models/toy/teacher): 6284 steps of 128 (5 min on one H100, about
-        # 2 h on a 2-core CPU); the learning rate is constant after warm-up.
+    elif variant.startswith("toy"):
+        # The committed teacher's recipe (models/toy/teacher): 6284 steps of 128 (5 min on one H100,
+        # about 2 h on a 2-core CPU); the learning rate is constant after warm-up. That teacher
+        # started from the family's v1 random transformer; models/toy/init is v2 (adaLN-zero), so
+        # this command now trains the same recipe from a different start (docs/toy_world.md).
         c.total_steps = 6284
-        c.model.update(pretrained=str(INIT), dtype="float32", remat="none", encoder_dtype="float32")
+        c.model.update(pretrained=str(INIT_PX2 if variant == "toy_px2" else INIT), dtype="float32", remat="none", encoder_dtype="float32")
         c.data.update(toy=True, batch_size=128, caption_dropout=0.1, num_threads=2, prefetch=4,
                       text_bucket=16)  # captions are ~10 tokens: pad to 16, not 64
         c.flow_matching.shift = 3.0  # train where the shift-3 sampling grid spends its steps

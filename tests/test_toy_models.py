@@ -121,3 +121,18 @@ def test_family_transformer_starts_adaln_zero_for_both_token_sizes():
         assert out.shape == (2, grid * grid, cfg.out_features) and not np.any(np.asarray(out))
     with pytest.raises(ValueError, match="token_pixels must be one of"):
         toy_transformer_config(8)
+
+
+def test_px2_init_resolves_to_a_factor_1_codec():
+    """configs/flow_matching.py:toy_px2 starts from models/toy/init_px2: 2x2-pixel tokens, so the
+    family built for it has the identity-sized codec and a 12-channel transformer."""
+    from qwen_jax.toy.folders import INIT_PX2
+
+    c = config("flow_matching", "toy_px2")
+    assert c.model.pretrained == str(INIT_PX2)
+    folder = resolve_folder(c.model.pretrained)
+    assert json.loads((folder / "vae" / "config.json").read_text())["factor"] == 1
+    assert json.loads((folder / "transformer" / "config.json").read_text())["in_channels"] == 12
+    pipe = Pipeline.from_pretrained(folder)
+    assert pipe.pixels_per_token == 2
+    assert pipe(PROMPTS[:1], None, height=32, width=32, num_steps=1, guidance=1.0, seed=0).array.shape == (1, 32, 32, 3)

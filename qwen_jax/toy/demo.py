@@ -21,7 +21,6 @@ Every model folder it uses or leaves (the teacher, <out>/student) loads with `py
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time

@@ -41,6 +41,7 @@ META_FILE = "toy.json"
 SHARED = ("text_encoder", "tokenizer", "vae", "scheduler")
 MODELS = Path(__file__).resolve().parents[2] / "models" / "toy"   # the committed toy models
 INIT = MODELS / "init"         # the family's random transformer: where the teacher's training starts
+INIT_PX2 = MODELS / "init_px2"  # the same with 2x2-pixel tokens
 TEACHER = MODELS / "teacher"   # the trained teacher (configs/flow_matching.py:toy)
 STUDENT = MODELS / "student"   # the 2-step student distilled from it (python -m qwen_jax.toy.distill)
 
