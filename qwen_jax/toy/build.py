@@ -35,6 +35,7 @@ TOY_SHIFT = 3.0
 # changes. v2: the random transformer starts adaLN-zero (`adaln_zero`).
 FAMILY_VERSION = "v2"
 TOKEN_PIXELS = (4, 2)  # pixels per side of one transformer token; the codec's factor is half of it
+INITS = ("adaln_zero", "random")
 
 
 def toy_transformer_config(token_pixels: int = 4, **runtime) -> TransformerConfig:
@@ -77,10 +78,11 @@ def text_encoder_digest(text_encoder) -> str:
 
 
 def build_toy_pipeline(out, seed: int = 0, overwrite: bool = False, transformer: str | None = None,
-                       expect_digest: str | None = None, token_pixels: int = 4) -> str:
+                       expect_digest: str | None = None, token_pixels: int = 4, init: str = "adaln_zero") -> str:
     """Writes the toy pipeline folder; `transformer` reuses a trained transformer folder (the
-    committed teacher) instead of a random one (adaLN-zero, `token_pixels` per token); the codec
-    follows the transformer. Returns the text encoder's digest; with `expect_digest`, a
+    committed teacher) instead of a random one (`token_pixels` per token; `init` "adaln_zero", a
+    training start, or "random", every weight drawn: a random stand-in for a teacher, whose
+    outputs must not be all zero); the codec follows the transformer. Returns the text encoder's digest; with `expect_digest`, a
     different regenerated encoder is an error and nothing is written."""
     from qwen_jax.checkpoints import load_transformer
     from qwen_jax.pipeline import save_pipeline
@@ -92,8 +94,12 @@ def build_toy_pipeline(out, seed: int = 0, overwrite: bool = False, transformer:
         raise ValueError(f"the text encoder regenerated from seed {seed} differs from the one the "
                          f"transformer was trained with (sha256 {digest[:12]} != {expect_digest[:12]}); "
                          "a different jax/flax version may initialise differently")
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     model = (load_transformer(transformer) if transformer
-             else adaln_zero(random_module(QwenImageTransformer, toy_transformer_config(token_pixels), seed)))
+             else random_module(QwenImageTransformer, toy_transformer_config(token_pixels), seed))
+    if not transformer and init == "adaln_zero":
+        model = adaln_zero(model)
     codec = PixelShuffleCodec(PixelShuffleConfig(factor=token_pixels_of(model.config) // 2))
     save_pipeline(out, transformer=model, vae=codec, text_encoder=text_encoder, tokenizer=build_qwen_tokenizer(),
                   scheduler=flow.SchedulerConfig.fixed_shift(TOY_SHIFT), overwrite=overwrite)
@@ -108,12 +114,14 @@ def main(argv=None) -> int:
     p.add_argument("--transformer", help="a trained transformer folder to use (e.g. models/toy/teacher/transformer)")
     p.add_argument("--token-pixels", type=int, default=4, choices=TOKEN_PIXELS,
                    help="pixels per token side of the random transformer (ignored with --transformer)")
+    p.add_argument("--init", default="adaln_zero", choices=INITS,
+                   help="adaln_zero (a training start) or random (every weight drawn: a stand-in teacher)")
     p.add_argument("--expect-digest", help="fail unless the regenerated text encoder has this sha256")
     p.add_argument("--overwrite", action="store_true")
     args = p.parse_args(argv)
     try:
         digest = build_toy_pipeline(args.out, args.seed, args.overwrite, args.transformer, args.expect_digest,
-                                    args.token_pixels)
+                                    args.token_pixels, args.init)
     except (FileNotFoundError, FileExistsError, ValueError, ConversionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
