@@ -36,3 +36,15 @@ def atomic_output_dir(dst: str | os.PathLike, overwrite: bool = False,
         tmp.rename(dst)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_dir(tmp: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Renames a finished `tmp` to `dst` where every writer builds the same content (a cache): if
+    another process published `dst` first, its copy wins and `tmp` is removed."""
+    tmp, dst = Path(tmp), Path(dst)
+    try:
+        tmp.rename(dst)
+    except OSError:
+        if not dst.is_dir():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)

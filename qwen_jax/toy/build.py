@@ -81,21 +81,21 @@ def build_toy_pipeline(out, seed: int = 0, overwrite: bool = False, transformer:
                        expect_digest: str | None = None, token_pixels: int = 4, init: str = "adaln_zero") -> str:
     """Writes the toy pipeline folder; `transformer` reuses a trained transformer folder (the
     committed teacher) instead of a random one (`token_pixels` per token; `init` "adaln_zero", a
-    training start, or "random", every weight drawn: a random stand-in for a teacher, whose
-    outputs must not be all zero); the codec follows the transformer. Returns the text encoder's digest; with `expect_digest`, a
-    different regenerated encoder is an error and nothing is written."""
+    training start, or "random", every weight drawn: a stand-in teacher, whose outputs must not
+    be all zero); the codec follows the transformer. Returns the text encoder's digest; with
+    `expect_digest`, a different regenerated encoder is an error and nothing is written."""
     from qwen_jax.checkpoints import load_transformer
     from qwen_jax.pipeline import save_pipeline
     from qwen_jax.tokenizer import build_qwen_tokenizer
 
+    if init not in INITS:
+        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     text_encoder = random_module(QwenTextEncoder, TextEncoderConfig.tiny(), seed + 1)
     digest = text_encoder_digest(text_encoder)
     if expect_digest and digest != expect_digest:
         raise ValueError(f"the text encoder regenerated from seed {seed} differs from the one the "
                          f"transformer was trained with (sha256 {digest[:12]} != {expect_digest[:12]}); "
                          "a different jax/flax version may initialise differently")
-    if init not in INITS:
-        raise ValueError(f"init must be one of {INITS}, got {init!r}")
     model = (load_transformer(transformer) if transformer
              else random_module(QwenImageTransformer, toy_transformer_config(token_pixels), seed))
     if not transformer and init == "adaln_zero":

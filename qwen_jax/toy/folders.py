@@ -36,6 +36,7 @@ import shutil
 from pathlib import Path
 
 from qwen_jax.conversion.errors import ConversionError
+from qwen_jax.files import publish_dir
 
 META_FILE = "toy.json"
 SHARED = ("text_encoder", "tokenizer", "vae", "scheduler")
@@ -79,16 +80,6 @@ def token_pixels(folder: Path, meta: dict) -> int:
         raise ConversionError(f"{folder / 'transformer'}: {e}") from None
 
 
-def _publish(tmp: Path, target: Path) -> None:
-    """Renames a finished `tmp` to `target`; another process that got there first wins (same content)."""
-    try:
-        tmp.rename(target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
 def family_folder(seed: int, digest: str, token_pixels: int, root: Path) -> Path:
     """The family's pipeline folder for (seed, digest, token size) under `root`, built on first use."""
     from qwen_jax.toy.build import FAMILY_VERSION, build_toy_pipeline
@@ -102,7 +93,7 @@ def family_folder(seed: int, digest: str, token_pixels: int, root: Path) -> Path
         build_toy_pipeline(tmp, seed=seed, expect_digest=digest, token_pixels=token_pixels)
     except ValueError as e:  # the digest check
         raise ConversionError(str(e)) from None
-    _publish(tmp, target)
+    publish_dir(tmp, target)
     return target
 
 
@@ -126,6 +117,6 @@ def resolve_toy_folder(folder: str | os.PathLike, cache_dir: str | os.PathLike |
     (tmp / "transformer").symlink_to(own / "transformer", target_is_directory=True)
     for name in SHARED:
         (tmp / name).symlink_to(family / name, target_is_directory=True)
-    (tmp / META_FILE).write_text(json.dumps({**meta, "source": str(folder)}, indent=2))  # written last: complete
-    _publish(tmp, target)
+    (tmp / META_FILE).write_text(json.dumps({**meta, "source": str(folder)}, indent=2))
+    publish_dir(tmp, target)
     return target
