@@ -73,9 +73,11 @@ def _xla_forward(q, k, v, kv_mask):
         row_max = jnp.max(logits, axis=-1, keepdims=True)
         unnormalised = jnp.exp(logits - row_max)  # one exp per logit, as softmax does
         row_sum = jnp.sum(unnormalised, axis=-1, keepdims=True)
-        probs = (unnormalised / row_sum).astype(vh.dtype)
-        out = jnp.einsum("bqk,bkd->bqd", probs, vh, preferred_element_type=jnp.float32).astype(q.dtype)
-        return out, (row_max + jnp.log(row_sum))[..., 0]
+        # Normalise the (Sq, Dh) output rather than the (Sq, Skv) probabilities: one pass over
+        # the logits fewer (~10 % of the attention forward on CPU at 1k tokens). In bf16 the
+        # unnormalised weights are rounded instead of the probabilities: the same relative error.
+        out = jnp.einsum("bqk,bkd->bqd", unnormalised.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+        return (out / row_sum).astype(q.dtype), (row_max + jnp.log(row_sum))[..., 0]
 
     out, lse = jax.lax.map(one_head, _heads_first(q, k, v))
     return jnp.moveaxis(out, 0, 2), lse
@@ -104,12 +106,20 @@ def _xla_attention_bwd(residuals, d_out):
 
     def one_head(args):
         qh, kh, vh, doh, lse_h, delta_h = args
-        probs = jnp.exp(_head_logits(qh, kh, kv_mask) - lse_h[..., None])
-        dv = jnp.einsum("bqk,bqd->bkd", probs.astype(doh.dtype), doh, preferred_element_type=jnp.float32)
-        dp = jnp.einsum("bqd,bkd->bqk", doh, vh, preferred_element_type=jnp.float32)
-        ds = (probs * (dp - delta_h[..., None]) * qh.shape[-1] ** -0.5).astype(qh.dtype)
-        dq = jnp.einsum("bqk,bkd->bqd", ds, kh, preferred_element_type=jnp.float32)
-        dk = jnp.einsum("bqk,bqd->bkd", ds, qh, preferred_element_type=jnp.float32)
+        # Keys-major (B, Skv, Sq) probabilities: dV = P^T dO and dK = dS^T Q are then plain
+        # row-major products, and only dQ = dS K needs its operand transposed. Queries-major,
+        # two of the three would: XLA's CPU GEMMs take no transposed left operand, so each
+        # costs a (Skv, Sq) transposing copy, often fused into the elementwise producer (~10 %
+        # of the attention backward at 1k tokens).
+        scale = qh.shape[-1] ** -0.5
+        logits_t = jnp.einsum("bkd,bqd->bkq", kh, qh, preferred_element_type=jnp.float32) * scale
+        logits_t = jnp.where(kv_mask[:, :, None], logits_t, jnp.finfo(jnp.float32).min)
+        probs_t = jnp.exp(logits_t - lse_h[:, None, :])
+        dv = jnp.einsum("bkq,bqd->bkd", probs_t.astype(doh.dtype), doh, preferred_element_type=jnp.float32)
+        dp_t = jnp.einsum("bkd,bqd->bkq", vh, doh, preferred_element_type=jnp.float32)
+        ds_t = (probs_t * (dp_t - delta_h[:, None, :]) * scale).astype(qh.dtype)
+        dk = jnp.einsum("bkq,bqd->bkd", ds_t, qh, preferred_element_type=jnp.float32)
+        dq = jnp.einsum("bkq,bkd->bqd", ds_t, kh, preferred_element_type=jnp.float32)
         return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype)
 
     dq, dk, dv = jax.lax.map(one_head, (*_heads_first(q, k, v, d_out), lse, delta))
