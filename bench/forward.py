@@ -125,7 +125,7 @@ def main():
         "jax_min_ms": round(jax_min, 2),
         "torch_min_ms": round(torch_min, 2),
         "speedup_min": round(torch_min / jax_min, 3),
-        "goal_speedup": 1.5,
+        "goal_speedup": 1.2,  # issue 21 (was 1.5, out of reach on 2 cores: roofline.py)
         "compile_s_2_layers": round(compile_s[2], 2),
         "compile_s_16_layers": round(compile_s[16], 2),
     }))
