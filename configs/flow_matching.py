@@ -49,8 +49,9 @@ def get_config(arg: str | None = None):
         # started from the family's v1 random transformer; models/toy/init is v2 (adaLN-zero), so
         # this command now trains the same recipe from a different start (docs/toy_world.md).
         c.total_steps = 6284
+        # scan_unroll 4: the toy's 4 blocks unrolled train ~15 % faster on CPU (models/config.py).
         c.model.update(pretrained=str(INIT_PX2 if variant == "toy_px2" else INIT), dtype="float32", remat="none",
-                       encoder_dtype="float32")
+                       scan_unroll=4, encoder_dtype="float32")
         c.data.update(toy=True, batch_size=128, caption_dropout=0.1, num_threads=2, prefetch=4,
                       text_bucket=16)  # captions are ~10 tokens: pad to 16, not 64
         c.flow_matching.shift = 3.0  # train where the shift-3 sampling grid spends its steps

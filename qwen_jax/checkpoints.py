@@ -142,6 +142,7 @@ def load_transformer(
     dtype: str | None = None,
     attention: str = "xla",
     remat: str = "none",
+    scan_unroll: int = 1,
     mesh: Mesh | None = None,
     rules=sharding_lib.DEFAULT_RULES,
     lora_rank: int = 0,
@@ -158,7 +159,7 @@ def load_transformer(
     """
     param_dtype = param_dtype or stored_dtype(folder)
     cfg = read_config(folder, param_dtype=param_dtype, dtype=dtype or param_dtype, attention=attention, remat=remat,
-                      lora_rank=lora_rank, lora_alpha=lora_alpha)
+                      scan_unroll=scan_unroll, lora_rank=lora_rank, lora_alpha=lora_alpha)
     graphdef, abstract_state = nnx.split(abstract_model(cfg))
     wanted = flatten_params(abstract_state)
     shardings = None

@@ -165,8 +165,8 @@ def load_model(config, mesh) -> tuple:
         model = checkpoints.load_transformer(
             config.model.transformer or Path(_resolve(pretrained)) / "transformer",
             param_dtype=config.model.param_dtype, dtype=config.model.dtype, attention=config.model.attention,
-            remat=config.model.remat, mesh=mesh, lora_rank=config.model.lora_rank,
-            lora_alpha=config.model.lora_alpha or None, seed=config.seed)
+            remat=config.model.remat, scan_unroll=config.model.get("scan_unroll", 1), mesh=mesh,
+            lora_rank=config.model.lora_rank, lora_alpha=config.model.lora_alpha or None, seed=config.seed)
     return state_lib.split_trainable(model, config.model.lora_rank > 0)
 
 

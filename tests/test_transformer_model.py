@@ -79,6 +79,28 @@ def test_abstract_real_model_costs_no_memory():
     assert count_params(TransformerConfig.qwen_image()) == 20_430_401_088
 
 
+def test_unrolled_scan_gives_the_same_outputs_gradients_and_hidden_states():
+    x, txt, mask, t = inputs()
+    cfg = CFG.replace(num_layers=3)
+
+    def run(unroll, grad):
+        model = QwenImageTransformer(cfg.replace(scan_unroll=unroll), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+
+        def loss(p):
+            out, hidden = nnx.merge(graphdef, p)(x, txt, mask, t, SHAPES, return_hidden_states_at=(0, 2))
+            return jnp.mean(out ** 2) + jnp.mean(hidden[1] ** 2), (out, hidden)
+
+        return jax.jit(jax.grad(loss, has_aux=True) if grad else loss)(params)
+
+    # Full unroll with gradients; a partial one (3 blocks in iterations of 2) forward only.
+    for unroll, grad in ((3, True), (2, False)):
+        for a, b in zip(jax.tree.leaves(run(1, grad)), jax.tree.leaves(run(unroll, grad))):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"scan_unroll={unroll}")
+    with pytest.raises(ValueError, match="scan_unroll"):
+        TransformerConfig.tiny(scan_unroll=0)
+
+
 def test_bad_calls_and_configs_are_explained():
     model = QwenImageTransformer(CFG, rngs=nnx.Rngs(0))
     x, txt, mask, t = inputs()

@@ -66,7 +66,8 @@ def distill_config(objective: str, variant: str = "qwen_image") -> ml_collection
         c.distill.guidance = 4.0
         c.eval.update(every=500, prompts=QWEN_IMAGE_PROMPTS)
     elif variant == "toy":  # the committed teacher, loaded as it is (qwen_jax/toy/folders.py)
-        c.model.update(pretrained=str(TEACHER), dtype="float32", remat="none", encoder_dtype="float32")
+        c.model.update(pretrained=str(TEACHER), dtype="float32", remat="none", scan_unroll=4,  # 4 blocks: unrolled
+                       encoder_dtype="float32")
         c.data.update(toy=True, num_threads=2, prefetch=4, text_bucket=16)
         c.ema.decay = 0.99
         c.distill.guidance = 2.0

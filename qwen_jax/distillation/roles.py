@@ -138,7 +138,7 @@ def initial_student(config, teacher: dict, mesh) -> dict:
         with jax.set_mesh(mesh):
             model = checkpoints.load_transformer(path, param_dtype=config.model.param_dtype, dtype=config.model.dtype,
                                                  attention=config.model.attention, remat=config.model.remat,
-                                                 mesh=mesh)
+                                                 scan_unroll=config.model.get("scan_unroll", 1), mesh=mesh)
     except (ConversionError, FileNotFoundError) as e:
         raise ConversionError(f"config.distill.student_init: {e}") from None
     _, params, _ = split_trainable(model, lora=False)

@@ -20,12 +20,16 @@ def stacked(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) 
     return nnx.merge(graphdef, jax.vmap(lambda key: nnx.state(make(nnx.Rngs(key))))(keys))
 
 
-def scan_layers(layers: nnx.Module, body: Callable, carry, remat: str = "none"):
-    """carry -> body(layer, carry) for each layer of a `stacked` module in order; returns the carry."""
+def scan_layers(layers: nnx.Module, body: Callable, carry, remat: str = "none", unroll: int = 1):
+    """carry -> body(layer, carry) for each layer of a `stacked` module in order; returns the carry.
+
+    `unroll` blocks run per scan iteration (`jax.lax.scan`'s unroll; the layer count or more
+    unrolls fully).
+    """
     graphdef, params = nnx.split(layers)
 
     def step(carry, layer_params):
         return body(nnx.merge(graphdef, layer_params), carry), None
 
-    carry, _ = jax.lax.scan(apply_remat(step, remat), carry, params)
+    carry, _ = jax.lax.scan(apply_remat(step, remat), carry, params, unroll=int(unroll))
     return carry

@@ -178,7 +178,7 @@ class QwenImageTransformer(nnx.Module):
             return img, txt, collected, index + 1
 
         img, txt, collected, _ = scan_layers(self.transformer_blocks, body, (img, txt, collected, jnp.int32(0)),
-                                             self.config.remat)
+                                             self.config.remat, self.config.scan_unroll)
         return img, txt, collected
 
 def abstract_model(cfg: TransformerConfig) -> QwenImageTransformer:

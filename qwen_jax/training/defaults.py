@@ -19,7 +19,7 @@ def base_config() -> ml_collections.ConfigDict:
     # the frozen VAE, text encoder and tokenizer. `transformer` overrides the transformer folder.
     c.model = ml_collections.ConfigDict(dict(
         pretrained="Qwen/Qwen-Image", transformer="", param_dtype="float32", dtype="bfloat16",
-        attention="xla", remat="full", lora_rank=0, lora_alpha=0.0, encoder_dtype="bfloat16"))  # alpha 0: = rank
+        attention="xla", remat="full", scan_unroll=1, lora_rank=0, lora_alpha=0.0, encoder_dtype="bfloat16"))  # alpha 0: = rank
 
     # Mesh axes sizes; one may be -1 (all remaining devices). Rules map logical axes to them.
     c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
