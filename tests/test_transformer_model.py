@@ -1,5 +1,7 @@
 """Model-level properties: scan depth-independence, remat policies, sharding, bad calls."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,6 +101,26 @@ def test_unrolled_scan_gives_the_same_outputs_gradients_and_hidden_states():
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=f"scan_unroll={unroll}")
     with pytest.raises(ValueError, match="scan_unroll"):
         TransformerConfig.tiny(scan_unroll=0)
+
+
+@pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
+def test_cpu_dense_backward_matches_autodiff(dtype, tol):
+    from qwen_jax.models.layers import dense_dot_general
+
+    k = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(k[0], (3, 5, 24), dtype)
+    w = jax.random.normal(k[1], (24, 40), dtype)
+    r = jax.random.normal(k[2], (3, 5, 40), jnp.float32)
+    plain = (((2,), (0,)), ((), ()))
+
+    def loss(dot, x, w):
+        return jnp.sum(dot(x, w, plain).astype(jnp.float32) * r)
+
+    want = jax.grad(functools.partial(loss, jax.lax.dot_general), argnums=(0, 1))(x, w)
+    got = jax.jit(jax.grad(functools.partial(loss, dense_dot_general), argnums=(0, 1)))(x, w)
+    for a, b in zip(want, got):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol)
 
 
 def test_bad_calls_and_configs_are_explained():
