@@ -15,6 +15,7 @@ from jax.sharding import AxisType, PartitionSpec
 
 from qwen_jax.models import QwenImageTransformer, TransformerConfig
 from qwen_jax.models.attention import ATTENTION_FNS, _fused, _splash, _xla, attention
+from qwen_jax.models import attention as attention_module
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +218,10 @@ def all_heads_softmax(q, k, v, kv_mask):
 
 @pytest.mark.parametrize("queries", [29, 7])  # joint sequence / a sequence-parallel shard of queries
 @pytest.mark.parametrize("masked", [True, False])
-def test_xla_backward_recomputes_to_autodiff_gradients(queries, masked):
+@pytest.mark.parametrize("heads_batched", [True, False])  # small logits: all heads at once; large: a loop
+def test_xla_backward_recomputes_to_autodiff_gradients(queries, masked, heads_batched, monkeypatch):
+    if not heads_batched:
+        monkeypatch.setattr(attention_module, "ALL_HEADS_MAX_LOGITS_BYTES", 0)
     q, k, v = qkv((3, 29, 4, 16), seed=queries)
     q = q[:, :queries]
     weights = jax.random.normal(jax.random.key(9), q.shape)

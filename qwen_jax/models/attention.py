@@ -10,7 +10,8 @@ always has its image keys).
 Implementations (`TransformerConfig.attention`):
 
   "xla"     Any backend, any dtype and head dim. One head at a time (lax.map), so only (B, Sq, Skv)
-            fp32 logits are live. Its backward is flash attention's, written in XLA (custom VJP):
+            fp32 logits are live; heads whose logits together are small (`ALL_HEADS_MAX_LOGITS_BYTES`)
+            run batched instead. Its backward is flash attention's, written in XLA (custom VJP):
             it keeps the output and the row log-sum-exps and recomputes each head's
             probabilities, so a training step never stores all heads' (B, Sq, Skv) probabilities.
             Sharding is left to GSPMD.
@@ -58,6 +59,21 @@ def _heads_first(*ts):
     return tuple(jnp.moveaxis(t, 2, 0) for t in ts)
 
 
+# Heads whose fp32 logits together stay under this many bytes run as one batched product; larger
+# ones run one head at a time (see _xla_attention). The toy model's 2 heads x 128 x 80^2 (6.5 MB)
+# run ~40 % faster forward + backward batched on CPU; 12 heads x 1088^2 ~1.8x slower.
+ALL_HEADS_MAX_LOGITS_BYTES = 16 << 20
+
+
+def _map_heads(fn, q, xs):
+    """fn over the leading (head) axis of xs: all heads batched if their logits are small, else a loop."""
+    heads, batch, n_q = xs[0].shape[0], xs[0].shape[1], q.shape[1]
+    n_kv = xs[1].shape[2]
+    if heads * batch * n_q * n_kv * 4 <= ALL_HEADS_MAX_LOGITS_BYTES:
+        return jax.vmap(fn)(xs)
+    return jax.lax.map(fn, xs)
+
+
 def _head_logits(qh, kh, kv_mask):
     """(B, Sq, Skv) fp32 logits of one head, masked keys at the fp32 minimum."""
     logits = jnp.einsum("bqd,bkd->bqk", qh, kh, preferred_element_type=jnp.float32) * qh.shape[-1] ** -0.5
@@ -65,7 +81,7 @@ def _head_logits(qh, kh, kv_mask):
 
 
 def _xla_forward(q, k, v, kv_mask):
-    """Attention output and each row's log-sum-exp (H, B, Sq) fp32, one head at a time."""
+    """Attention output and each row's log-sum-exp (H, B, Sq) fp32, head by head (`_map_heads`)."""
 
     def one_head(qkv):
         qh, kh, vh = qkv  # (B, S, Dh)
@@ -79,7 +95,7 @@ def _xla_forward(q, k, v, kv_mask):
         out = jnp.einsum("bqk,bkd->bqd", unnormalised.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
         return (out / row_sum).astype(q.dtype), (row_max + jnp.log(row_sum))[..., 0]
 
-    out, lse = jax.lax.map(one_head, _heads_first(q, k, v))
+    out, lse = _map_heads(one_head, q, _heads_first(q, k, v))
     return jnp.moveaxis(out, 0, 2), lse
 
 
@@ -122,7 +138,7 @@ def _xla_attention_bwd(residuals, d_out):
         dq = jnp.einsum("bkq,bkd->bqd", ds_t, kh, preferred_element_type=jnp.float32)
         return dq.astype(qh.dtype), dk.astype(kh.dtype), dv.astype(vh.dtype)
 
-    dq, dk, dv = jax.lax.map(one_head, (*_heads_first(q, k, v, d_out), lse, delta))
+    dq, dk, dv = _map_heads(one_head, q, (*_heads_first(q, k, v, d_out), lse, delta))
     d_mask = np.zeros(kv_mask.shape, jax.dtypes.float0)
     return jnp.moveaxis(dq, 0, 2), jnp.moveaxis(dk, 0, 2), jnp.moveaxis(dv, 0, 2), d_mask
 
