@@ -220,6 +220,8 @@ def all_heads_softmax(q, k, v, kv_mask):
 @pytest.mark.parametrize("masked", [True, False])
 @pytest.mark.parametrize("heads_batched", [True, False])  # small logits: all heads at once; large: a loop
 def test_xla_backward_recomputes_to_autodiff_gradients(queries, masked, heads_batched, monkeypatch):
+    # (this session simulates 8 CPU devices, where heads are never batched: pretend there is one)
+    monkeypatch.setattr(attention_module, "simulated_cpu_mesh", lambda: False)
     if not heads_batched:
         monkeypatch.setattr(attention_module, "ALL_HEADS_MAX_LOGITS_BYTES", 0)
     q, k, v = qkv((3, 29, 4, 16), seed=queries)

@@ -104,8 +104,14 @@ def test_unrolled_scan_gives_the_same_outputs_gradients_and_hidden_states():
 
 
 @pytest.mark.parametrize("dtype,tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 1e-2)])
-def test_cpu_dense_backward_matches_autodiff(dtype, tol):
+def test_cpu_dense_backward_matches_autodiff(dtype, tol, monkeypatch):
+    from qwen_jax.models import layers
     from qwen_jax.models.layers import dense_dot_general
+
+    # this session simulates 8 CPU devices, where the custom backward is off: pretend there is one
+    monkeypatch.setattr(layers, "simulated_cpu_mesh", lambda: False)
+    assert jax.make_jaxpr(lambda x, w: dense_dot_general(x, w, (((1,), (0,)), ((), ()))))(
+        jnp.ones((2, 3)), jnp.ones((3, 4))).eqns[0].primitive.name.startswith("custom_vjp")
 
     k = jax.random.split(jax.random.key(0), 3)
     x = jax.random.normal(k[0], (3, 5, 24), dtype)

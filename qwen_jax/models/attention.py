@@ -65,11 +65,21 @@ def _heads_first(*ts):
 ALL_HEADS_MAX_LOGITS_BYTES = 16 << 20
 
 
+def simulated_cpu_mesh() -> bool:
+    """True on several CPU devices (`--xla_force_host_platform_device_count`, a simulated mesh).
+
+    There the CPU-only program rewrites (batched heads here, `layers.dense_dot_general`) are
+    off: with their layouts, the fake devices' all-reduces in a sharded training step were seen
+    to wait on each other until XLA aborted the rendezvous. XLA's default programs complete.
+    """
+    return jax.default_backend() == "cpu" and jax.device_count() > 1
+
+
 def _map_heads(fn, q, xs):
     """fn over the leading (head) axis of xs: all heads batched if their logits are small, else a loop."""
     heads, batch, n_q = xs[0].shape[0], xs[0].shape[1], q.shape[1]
     n_kv = xs[1].shape[2]
-    if heads * batch * n_q * n_kv * 4 <= ALL_HEADS_MAX_LOGITS_BYTES:
+    if heads * batch * n_q * n_kv * 4 <= ALL_HEADS_MAX_LOGITS_BYTES and not simulated_cpu_mesh():
         return jax.vmap(fn)(xs)
     return jax.lax.map(fn, xs)
 

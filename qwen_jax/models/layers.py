@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from qwen_jax.models.attention import simulated_cpu_mesh
 from qwen_jax.models.config import TransformerConfig
 from qwen_jax.models.lora import LoRALinear
 
@@ -47,13 +48,14 @@ _dense.defvjp(_dense_fwd, _dense_bwd)
 
 
 def dense_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None, **kwargs):
-    """`jax.lax.dot_general` for `nnx.Linear`, with a CPU-friendly backward (`_dense_bwd`) on CPU.
+    """`jax.lax.dot_general` for `nnx.Linear`, with a CPU-friendly backward (`_dense_bwd`) on one CPU device.
 
     ~10 % of the toy training step on a 2-core CPU. Other backends transpose operands for free
     and keep the plain product (and autodiff's gradient).
     """
     plain = (((lhs.ndim - 1,), (0,)), ((), ()))
-    if jax.default_backend() != "cpu" or dimension_numbers != plain or any(v is not None for v in kwargs.values()):
+    if (jax.default_backend() != "cpu" or simulated_cpu_mesh() or dimension_numbers != plain
+            or any(v is not None for v in kwargs.values())):
         return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
                                    preferred_element_type=preferred_element_type, **kwargs)
     return _dense(lhs, rhs, precision, preferred_element_type)
