@@ -14,6 +14,9 @@ against the card's dense bf16 peak, `PEAK_BF16`; null for other cards). Sections
                   configs/dmd2.py's qwen_image recipe (LoRA 64 student and fake score on a frozen
                   base, CFG teacher, GAN heads, full remat) at `--blocks` blocks, batch 2 at 1024²:
                   compile s per turn, step s, finite losses
+  toy_family      the committed toy student (`models/toy/student`) resolved into a fresh cache
+                  (its text encoder regenerated and digest-checked on this host) and sampled on
+                  the default device: 2 steps, 4 images of 32²; the images' value range
 
 Run on a GPU machine: PYTHONPATH=. python bench/gpu_check.py [--blocks 4] [--budget-s 420]
 `--smoke` runs every section with tiny sizes (on a CPU: XLA attention only) to check the script.
@@ -328,9 +331,9 @@ def settings(smoke: bool, blocks: int) -> dict:
     stands out of a loaded CPU's noise)."""
     if smoke:
         return dict(cfg=TransformerConfig.tiny(in_channels=64, out_channels=16), attention=(2, 32, 64, 2, 32),
-                    depths=(1, 8), forward_px=128, sample_px=128, dmd2_px=64, reps=3)
+                    depths=(1, 8), forward_px=128, sample_px=128, dmd2_px=64, reps=3, smoke=True)
     return dict(cfg=TransformerConfig.qwen_image(), attention=(2, TEXT_TOKENS, 4096, 24, 128),
-                depths=(blocks, 2 * blocks), forward_px=1328, sample_px=2048, dmd2_px=1024, reps=5)
+                depths=(blocks, 2 * blocks), forward_px=1328, sample_px=2048, dmd2_px=1024, reps=5, smoke=False)
 
 
 def sections(result, s: dict, impls, peak) -> dict:
@@ -346,7 +349,28 @@ def sections(result, s: dict, impls, peak) -> dict:
         "forward_1328": lambda: check_forward(result, cfg, depths, s["forward_px"], fast, peak, reps),
         "sampling_2048": lambda: check_sampling(result, cfg, depths, s["sample_px"], 4, impls, peak, reps),
         "dmd2_lora_step": dmd2_step,
+        "toy_family": lambda: check_toy_family(result, fresh_cache=not s["smoke"]),
     }
+
+
+def check_toy_family(result, fresh_cache: bool):
+    """The committed toy models must load on this host as they are (their family's seeded text
+    encoder regenerated bit for bit, `toy/build.py`) and sample on its default device. `--smoke`
+    takes the usual cache (the CPU test's run has built the family already)."""
+    import tempfile
+
+    from qwen_jax.pipeline import Pipeline
+    from qwen_jax.toy.folders import STUDENT
+
+    with tempfile.TemporaryDirectory() as cache:
+        begin = time.perf_counter()
+        pipe = Pipeline.from_pretrained(STUDENT, cache_dir=cache if fresh_cache else None,
+                                        scheduler=flow.SchedulerConfig.fixed_shift(3.0))
+        images = np.asarray(pipe(["a red circle on a blue background"] * 4, height=32, width=32, num_steps=2,
+                                 guidance=1.0, seed=0).array)
+        result["toy_family"] = {"load_and_sample_s": round(time.perf_counter() - begin, 1),
+                                "image_min": float(images.min()), "image_max": float(images.max()),
+                                "finite": bool(np.isfinite(images).all())}
 
 
 def main(argv=None):

@@ -202,6 +202,8 @@ def test_gpu_check_smoke_runs_on_cpu(capsys):
     assert dmd["finite"] and dmd["lora_rank"] == 64 and dmd["step_s"] > 0
     assert dmd["compile_s"]["generator"] > 0 and dmd["compile_s"]["critic"] > 0
     assert {"generator/generator_loss", "critic/loss"} <= set(dmd["first_losses"])
+    toy = result["toy_family"]
+    assert toy["finite"] and 0.0 <= toy["image_min"] < toy["image_max"] <= 1.0
     assert gpu_check.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
     assert gpu_check.peak_flops("NVIDIA H100 PCIe") == 756e12 and gpu_check.peak_flops("NVIDIA L40S") == 362e12
     assert gpu_check.peak_flops("NVIDIA L4") == 121e12 and gpu_check.peak_flops("Radeon") is None
