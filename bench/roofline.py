@@ -66,16 +66,19 @@ def gemm_rates(reps: int) -> dict:
     rng = np.random.default_rng(0)
     rates = {}
     dot = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.HIGHEST))
-    for name, (m, k, n) in GEMMS.items():
-        a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-        ja, jb = jnp.asarray(a), jnp.asarray(b)
-        flop = 2 * m * k * n
-        rates[name] = {
-            "torch": round(flop / best_seconds(lambda: torch.mm(ta, tb), reps) / 1e9, 1),
-            "xla": round(flop / best_seconds(lambda: dot(ja, jb).block_until_ready(), reps) / 1e9, 1),
-        }
-        log(name, rates[name])
+    # Three passes over the shapes, each side's best kept: the first pass alone ran cold (clock
+    # ramp-up, first-touch pages) and once put XLA's first shape at half its later rate.
+    for _ in range(3):
+        for name, (m, k, n) in GEMMS.items():
+            a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+            ja, jb = jnp.asarray(a), jnp.asarray(b)
+            flop = 2 * m * k * n
+            now = {"torch": round(flop / best_seconds(lambda: torch.mm(ta, tb), reps) / 1e9, 1),
+                   "xla": round(flop / best_seconds(lambda: dot(ja, jb).block_until_ready(), reps) / 1e9, 1)}
+            rates[name] = {side: max(rate, rates.get(name, {}).get(side, 0.0)) for side, rate in now.items()}
+    for name, rate in rates.items():
+        log(name, rate)
     return rates
 
 
