@@ -1,21 +1,15 @@
 """The environment of the training CLIs that tests launch as subprocesses.
 
 Those launches compile the same programs again and again (a straight run, a killed one and its
-resume; two processes, then both resuming), so they share a persistent XLA compilation cache for
-the session: a repeat loads the executable instead of compiling it. In-process tests do not use
-it (some of them read compiled HLO and memory statistics).
+resume; two processes, then both resuming). They inherit the run's persistent XLA compilation
+cache from os.environ (conftest.py), so a repeat loads the executable instead of compiling it.
+(In a multi-process job only process 0 writes the cache, and the other's programs differ in
+their keys: process 1 compiles at every launch.)
 """
 
-import atexit
 import os
-import shutil
-import tempfile
-
-COMPILATION_CACHE = tempfile.mkdtemp(prefix="qwen_jax_tests_xla_cache_")
-atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
 
 
 def subprocess_env(**extra: str) -> dict[str, str]:
-    """os.environ plus the shared compilation cache (every program cached, however fast it compiled)."""
-    return {**os.environ, "JAX_COMPILATION_CACHE_DIR": COMPILATION_CACHE,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **extra}
+    """os.environ (which carries the run's compilation cache) plus `extra`."""
+    return {**os.environ, **extra}

@@ -25,13 +25,18 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def load_config(name: str, base, **overrides):
+    """configs/<name>.py:toy at smoke size. The blocks are scanned one at a time (scan_unroll 1,
+    the qwen_image configs' setting): the toy recipe unrolls its 4 blocks for CPU throughput,
+    which nearly doubles what these few-step runs pay, the compile (one DMD2 iteration on one
+    CPU device: 32 s scanned, 57 s unrolled). Unrolled blocks give the same outputs and
+    gradients (test_transformer_model.py); the DMD2 recipe as it is runs in the demo test."""
     spec = importlib.util.spec_from_file_location(f"{name}_config", REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     c = module.get_config("toy")
     c.model.pretrained = str(base)
     c.update_from_flattened_dict({"data.batch_size": 8, "log.every": 1, "log.progress": False, "eval.every": 0,
-                                  "checkpoint.every": 3, **overrides})
+                                  "checkpoint.every": 3, "model.scan_unroll": 1, **overrides})
     c.lock()
     return c
 
@@ -152,6 +157,8 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
     from qwen_jax.conversion.errors import ConversionError
 
     # the real config's shape: LoRA student and fake score on one frozen base (the teacher = base)
+    # on one device: ~25 % less compile than 8; the DMD2 iteration runs sharded in the test above,
+    # and this recipe is compiled sharded, at full size, in test_plan.py
     # ... with half of the GAN's real pool made of teacher samples, and caption-projection heads
     # ... and DMD1's regression on teacher ODE pairs, made by the pairs CLI, for the first of two
     # generator updates (regression_until=1): the second one is DMD2 + GAN alone
@@ -163,7 +170,7 @@ def test_dmd2_lora_student_and_config_errors_name_the_field(toy_base, tmp_path):
                                                                   "dmd2.regression_weight": 1.0,
                                                                   "dmd2.regression_pairs": str(pairs),
                                                                   "dmd2.regression_until": 1}),
-                 tmp_path / "lora")
+                 tmp_path / "lora", devices=jax.devices()[:1])
     logged = read_metrics(tmp_path / "lora")
     assert np.isfinite(logged[0]["train/regression_loss"]) and "train/regression_loss" not in logged[1]
     assert np.isfinite(logged[1]["train/dmd_loss"])

@@ -15,6 +15,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from qwen_jax.conversion.errors import ConversionError
 from qwen_jax.eval import toy_metrics
@@ -88,7 +89,7 @@ def test_toy_model_folder_errors_name_the_problem(tmp_path):
 
 def test_toy_configs_train_from_a_clean_workdir_and_export(tmp_path):
     """configs/flow_matching.py:toy as it is (from models/toy/init) on 8 devices, and from the
-    committed teacher as model.pretrained on 1 device, then `python -m qwen_jax.export`."""
+    committed teacher as model.pretrained on 1 device (blocks scanned), then `python -m qwen_jax.export`."""
     from qwen_jax.export import main as export_main
 
     small = {"total_steps": 1, "data.batch_size": 8, "checkpoint.every": 1, "log.every": 1}
@@ -97,8 +98,9 @@ def test_toy_configs_train_from_a_clean_workdir_and_export(tmp_path):
     assert len(jax.devices()) == 8 and result["step"] == 1 and np.isfinite(result["last_metrics"]["loss"])
     Pipeline.from_pretrained(tmp_path / "eight" / "export")
 
-    result = train(config("flow_matching", **small, **{"model.pretrained": str(TEACHER)}), tmp_path / "one",
-                   devices=jax.devices()[:1])
+    # (its blocks scanned: the unrolled recipe compiled once above is enough)
+    result = train(config("flow_matching", **small, **{"model.pretrained": str(TEACHER), "model.scan_unroll": 1}),
+                   tmp_path / "one", devices=jax.devices()[:1])
     assert result["step"] == 1 and np.isfinite(result["last_metrics"]["loss"])
     assert export_main(["--workdir", str(tmp_path / "one"), "--out", str(tmp_path / "one_export")]) == 0
     Pipeline.from_pretrained(tmp_path / "one_export")
@@ -113,10 +115,11 @@ def test_family_transformer_starts_adaln_zero_for_both_token_sizes():
     for pixels, grid in ((4, 8), (2, 16)):
         cfg = toy_transformer_config(pixels)
         assert token_pixels_of(cfg) == pixels
-        model = adaln_zero(random_module(QwenImageTransformer, cfg, 0))
+        graphdef, state = nnx.split(adaln_zero(random_module(QwenImageTransformer, cfg, 0)))
         x = jax.random.normal(jax.random.key(0), (2, grid * grid, cfg.in_channels))
         text = jax.random.normal(jax.random.key(1), (2, 5, cfg.joint_attention_dim))
-        out = model(x, text, np.ones((2, 5), np.int32), np.array([0.3, 0.9], np.float32), ((1, grid, grid),))
+        forward = jax.jit(lambda state, *args: nnx.merge(graphdef, state)(*args, ((1, grid, grid),)))  # one compile, not op by op
+        out = forward(state, x, text, np.ones((2, 5), np.int32), np.array([0.3, 0.9], np.float32))
         assert out.shape == (2, grid * grid, cfg.out_features) and not np.any(np.asarray(out))
     with pytest.raises(ValueError, match="token_pixels must be one of"):
         toy_transformer_config(8)

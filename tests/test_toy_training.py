@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import jax
 import numpy as np
 import pytest
 
@@ -33,6 +34,9 @@ def toy_base(tmp_path_factory):
 
 
 def toy_config(base, **overrides):
+    """configs/flow_matching.py:toy from `base`, its 4 blocks scanned one at a time: the recipe
+    unrolls them for CPU throughput at twice the compile time of these few steps (see
+    test_distillation_train.load_config; the recipe as it is trains in test_toy_models.py)."""
     import importlib.util
 
     spec = importlib.util.spec_from_file_location("flow_matching_config", CONFIG)
@@ -40,7 +44,7 @@ def toy_config(base, **overrides):
     spec.loader.exec_module(module)
     c = module.get_config("toy")
     c.model.pretrained = str(base)
-    c.update_from_flattened_dict(overrides)
+    c.update_from_flattened_dict({"model.scan_unroll": 1, **overrides})
     c.lock()
     return c
 
@@ -60,8 +64,9 @@ def test_toy_loader_is_sharded_and_resumable():
 def test_toy_teacher_trains_resumes_exports_and_evaluates(toy_base, tmp_path):
     overrides = {"total_steps": 4, "data.batch_size": 16, "checkpoint.every": 2, "eval.every": 4, "eval.num_steps": 2,
                  "log.every": 1, "log.progress": False}
-    train(toy_config(toy_base, **{**overrides, "total_steps": 2}), tmp_path / "run")
-    result = train(toy_config(toy_base, **overrides), tmp_path / "run")  # resumes at step 2
+    one = jax.devices()[:1]  # the recipe on 8 devices: test_toy_models.py
+    train(toy_config(toy_base, **{**overrides, "total_steps": 2}), tmp_path / "run", devices=one)
+    result = train(toy_config(toy_base, **overrides), tmp_path / "run", devices=one)  # resumes at step 2
     assert result["step"] == 4 and sorted(m["step"] for m in read_metrics(tmp_path / "run")) == [1, 2, 3, 4]
     assert np.isfinite(result["last_metrics"]["loss"])
     prompts = ["a red circle on a blue background", "a black triangle on a white background"]
@@ -114,16 +119,26 @@ def test_demo_shortened_uses_the_committed_teacher_and_compares(tmp_path, capsys
     assert not (tmp_path / "bad").exists()
 
 
-def test_demo_distills_the_student(tmp_path, capsys):
+def test_demo_distills_the_student(tmp_path, capsys, monkeypatch):
     """`make demo` at smoke size: a DMD2 + GAN stage, the three-way table, a loadable student.
     (PCM -> DMD2 is tested in-process in test_distillation_train.py; --retrain runs the toy
     teacher config, tested in-process above.)"""
     from qwen_jax.toy import demo
 
+    # the stages it launches (teacher pairs, DMD2 training) see the one CPU device `make demo`
+    # has, not the 8 simulated ones (DMD2 on an 8-device mesh: test_distillation_train.py); the
+    # 8-device compile of the DMD2 step alone took 40 s longer
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
+    if flags:
+        monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
+    else:
+        monkeypatch.delenv("XLA_FLAGS", raising=False)
     out = tmp_path / "demo"
-    assert demo.main(["--out", str(out), "--pcm-steps", "0", "--dmd2-steps", "2",
+    # its blocks scanned, not unrolled as in the recipe: half the compile (see toy_config)
+    assert demo.main(["--out", str(out), "--pcm-steps", "0", "--dmd2-steps", "2", "--override=--config.model.scan_unroll=1",
                       "--prompts", "a red circle on a blue background", "--seeds", "1", "--teacher-steps", "3"]) == 0
     assert read_metrics(out / "dmd2")[-1]["step"] == 2 and not (out / "pcm").exists()
+    assert json.loads((out / "dmd2" / "config.json").read_text())["model"]["scan_unroll"] == 1  # --override
     assert "student 2 steps, CFG 1" in capsys.readouterr().out
     results = json.loads((out / "results.json").read_text())
     assert list(results) == ["teacher 3 steps, CFG 2", "teacher 2 steps, CFG 2", "student 2 steps, CFG 1"]

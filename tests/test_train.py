@@ -292,10 +292,11 @@ def test_training_from_a_cache_equals_training_from_images(tiny_pipeline_dir, im
     buckets = [(32, 32), (48, 32)]
     write_cache(tmp_path / "cache", ImageCaptionSource(clean), Conditioner.from_pretrained(tiny_pipeline_dir),
                 buckets=buckets, progress=False)
-    common = {"total_steps": 3, "eval.every": 0, "export.at_end": False}
-    train(tiny_config(tiny_pipeline_dir, clean, **common), tmp_path / "from_images")
+    common = {"total_steps": 3, "eval.every": 0, "export.at_end": False, "mesh.fsdp": 1}
+    one = jax.devices()[:1]  # the data path is under test here; meshes are in the test above
+    train(tiny_config(tiny_pipeline_dir, clean, **common), tmp_path / "from_images", devices=one)
     cached = tiny_config(tiny_pipeline_dir, "", **common, **{"data.cache": str(tmp_path / "cache"), "data.buckets": ""})
-    train(cached, tmp_path / "from_cache")
+    train(cached, tmp_path / "from_cache", devices=one)
     a, b = losses(tmp_path / "from_images"), losses(tmp_path / "from_cache")
     assert sorted(a) == sorted(b) == [1, 2, 3]
     np.testing.assert_allclose([b[s] for s in a], [a[s] for s in a], rtol=1e-5)

@@ -57,6 +57,8 @@ def main(argv=None) -> int:
     p.add_argument("--pcm-steps", type=int, default=150, help="PCM iterations of the shortened distillation")
     p.add_argument("--dmd2-steps", type=int, default=150, help="DMD2 + GAN iterations of the shortened distillation")
     p.add_argument("--no-distill", action="store_true", help="only the teacher, at 50 and 2 steps")
+    p.add_argument("--override", action="append", default=[], metavar="--config.KEY=VALUE",
+                   help="extra flag for both training stages, PCM and DMD2 (e.g. --override=--config.log.every=10)")
     args = p.parse_args(argv)
 
     from qwen_jax.toy.distill import distill
@@ -70,7 +72,7 @@ def main(argv=None) -> int:
         steps = (0, 0) if args.no_distill else (args.pcm_steps, args.dmd2_steps)
         distill(out, pcm_steps=steps[0], dmd2_steps=steps[1], seeds=args.seeds, prompts=args.prompts,
                 teacher_steps=args.teacher_steps, guidance=args.guidance, teacher_source=source,
-                pairs_per_prompt=args.seeds)
+                pairs_per_prompt=args.seeds, extra_pcm=args.override, extra_dmd2=args.override)
     except (FileExistsError, FileNotFoundError, ValueError, ConversionError, subprocess.CalledProcessError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
