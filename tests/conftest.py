@@ -26,7 +26,6 @@ os.environ["JAX_COMPILATION_CACHE_DIR"] = os.environ["QWEN_JAX_TEST_XLA_CACHE"]
 os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 import jax  # noqa: E402
-import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
@@ -62,12 +61,7 @@ def pytest_collection_modifyitems(items):
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file's tests keep their order
 
 
-@pytest.hookimpl(optionalhook=True)
-def pytest_xdist_make_scheduler(config, log):
-    """--dist loadfile in the collection order above, not xdist's most-tests-first."""
-    if config.getoption("dist") != "loadfile":
-        return None
-    from xdist.scheduler import LoadFileScheduling
-
+def pytest_configure(config):
+    """--dist loadfile hands out files in the collection order above (xdist >= 3.6 reorders them
+    by test count unless told not to; older versions keep the order anyway)."""
     config.option.loadscopereorder = False
-    return LoadFileScheduling(config, log)

@@ -29,7 +29,7 @@ def load_config(name: str, base, **overrides):
     the qwen_image configs' setting): the toy recipe unrolls its 4 blocks for CPU throughput,
     which nearly doubles what these few-step runs pay, the compile (one DMD2 iteration on one
     CPU device: 32 s scanned, 57 s unrolled). Unrolled blocks give the same outputs and
-    gradients (test_transformer_model.py); the DMD2 recipe as it is runs in the demo test."""
+    gradients (test_transformer_model.py)."""
     spec = importlib.util.spec_from_file_location(f"{name}_config", REPO / "configs" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
