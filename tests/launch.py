@@ -10,6 +10,14 @@ their keys: process 1 compiles at every launch.)
 import os
 
 
+def xla_flags(device_count: int | None = None) -> str:
+    """The run's XLA_FLAGS (conftest.py's) with the simulated CPU device count set to
+    `device_count`, or left to the launched command (None)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    return " ".join(flags + ([f"--xla_force_host_platform_device_count={device_count}"] if device_count else []))
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """os.environ (which carries the run's compilation cache) plus `extra`."""
     return {**os.environ, **extra}

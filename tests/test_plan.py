@@ -9,11 +9,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+from launch import xla_flags
+
 REPO = Path(__file__).resolve().parents[1]
 
 
 def run_plan(tmp_path, *args):
-    env = {**os.environ, "XLA_FLAGS": ""}  # the command sets its own device count
+    env = {**os.environ, "XLA_FLAGS": xla_flags()}  # the command sets its own device count
     out = tmp_path / "plan.jsonl"
     proc = subprocess.run([sys.executable, "-m", "qwen_jax.plan", *args, "--json", str(out)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)

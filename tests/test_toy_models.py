@@ -81,10 +81,34 @@ def test_toy_model_folder_errors_name_the_problem(tmp_path):
     with pytest.raises(ConversionError, match="needs transformer/"):
         resolve_folder(bad)
     shutil.copytree(TEACHER / "transformer", bad / "transformer")
-    (bad / "toy.json").write_text(json.dumps({**meta, "text_encoder_sha256": "0" * 64}))
+    # another encoder: neither the digest nor (moved by 1e-3 of the rms, 100x the tolerance) the fingerprint
+    fingerprint = meta["text_encoder_fingerprint"]
+    moved = {**fingerprint, "projections": [p + 1e-3 * fingerprint["rms"] for p in fingerprint["projections"]]}
+    (bad / "toy.json").write_text(json.dumps({**meta, "text_encoder_sha256": "0" * 64,
+                                              "text_encoder_fingerprint": moved}))
     with pytest.raises(ConversionError, match="differs from the one the transformer was trained with"):
         resolve_folder(bad, cache_dir=tmp_path / "cache")
     assert not any(p.name.startswith("bad-") for p in (tmp_path / "cache" / "toy-models").iterdir())
+
+
+def test_encoder_check_accepts_rounding_and_refuses_another_draw():
+    """The committed encoder is recognised by its fingerprint when this host rounds the draw
+    differently (every parameter one ulp off: the digest changes), never when it is another draw."""
+    from qwen_jax.models import QwenTextEncoder, TextEncoderConfig
+    from qwen_jax.models.random_init import random_module
+    from qwen_jax.toy.build import fingerprints_match, text_encoder_digest, text_encoder_fingerprint
+
+    committed = json.loads((TEACHER / "toy.json").read_text())
+    encoder = random_module(QwenTextEncoder, TextEncoderConfig.tiny(), 1)  # the family's seed 0 encoder
+    assert fingerprints_match(text_encoder_fingerprint(encoder), committed["text_encoder_fingerprint"])
+    state = nnx.state(encoder, nnx.Param)
+    nudged = jax.tree.map(lambda x: np.nextafter(np.asarray(x), np.float32(np.inf)), state)
+    nnx.update(encoder, nudged)
+    assert text_encoder_digest(encoder) != committed["text_encoder_sha256"]
+    assert fingerprints_match(text_encoder_fingerprint(encoder), committed["text_encoder_fingerprint"])
+    other = random_module(QwenTextEncoder, TextEncoderConfig.tiny(), 2)
+    assert not fingerprints_match(text_encoder_fingerprint(other), committed["text_encoder_fingerprint"])
+    assert not fingerprints_match({"rms": 1.0}, committed["text_encoder_fingerprint"])
 
 
 def test_toy_configs_train_from_a_clean_workdir_and_export(tmp_path):

@@ -15,6 +15,7 @@ from qwen_jax.toy.build import main as build_main
 from qwen_jax.toy.data import ToyLoader
 from qwen_jax.train import train
 from qwen_jax.training.metrics import read_metrics
+from launch import xla_flags
 from test_train import CONFIG
 
 
@@ -128,11 +129,7 @@ def test_demo_distills_the_student(tmp_path, capsys, monkeypatch):
     # the stages it launches (teacher pairs, DMD2 training) see the one CPU device `make demo`
     # has, not the 8 simulated ones (DMD2 on an 8-device mesh: test_distillation_train.py); the
     # 8-device compile of the DMD2 step alone took 40 s longer
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform")]
-    if flags:
-        monkeypatch.setenv("XLA_FLAGS", " ".join(flags))
-    else:
-        monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags())
     out = tmp_path / "demo"
     # its blocks scanned, not unrolled as in the recipe: half the compile (see toy_config)
     assert demo.main(["--out", str(out), "--pcm-steps", "0", "--dmd2-steps", "2", "--override=--config.model.scan_unroll=1",

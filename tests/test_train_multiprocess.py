@@ -10,7 +10,7 @@ import sys
 import jax
 import numpy as np
 
-from launch import subprocess_env
+from launch import subprocess_env, xla_flags
 from qwen_jax.train import train
 from test_train import CONFIG, REPO, images, losses, tiny_config  # noqa: F401  (fixture)
 from tiny_pipeline import tiny_pipeline_dir  # noqa: F401  (session fixture)
@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 def _launch(pipeline, images, workdir, steps: int, eval_every: int = 2):  # noqa: F811
     port = _free_port()
-    env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
+    env = subprocess_env(XLA_FLAGS=xla_flags(2), JAX_PLATFORMS="cpu")
     procs = []
     for pid in range(2):
         args = [sys.executable, "-m", "qwen_jax.train", f"--config={CONFIG}:tiny", f"--workdir={workdir}",

@@ -3,7 +3,7 @@
 A toy model folder holds only what is its own:
 
     toy.json      {"text_encoder_sha256": the digest of the family's text encoder it was trained
-                   with, "seed": the family seed (default 0), "transformer": "random" for a
+                   with, "text_encoder_fingerprint": the same up to rounding (`toy/build.py`), "seed": the family seed (default 0), "transformer": "random" for a
                    folder with no trained weights (the family's random transformer, a training
                    start, with "token_pixels": 4 or 2, default 4), plus free-form provenance:
                    recipe, scores}
@@ -23,8 +23,9 @@ toy model folder like any converted one (`pipeline.resolve_folder` sends them he
         family's random one), text_encoder, tokenizer, vae, scheduler -> the family's
     (<cache> is `pipeline.default_cache_dir()` unless given; key: the folder's path and toy.json)
 
-A regenerated encoder whose digest differs from toy.json's (a jax version that initialises
-differently) is refused, by name, before anything is linked.
+A regenerated encoder that is not the one toy.json names (neither its digest nor, for an XLA that
+rounds the draw differently, its fingerprint: a jax version that initialises differently) is
+refused, by name, before anything is linked.
 """
 
 from __future__ import annotations
@@ -80,8 +81,9 @@ def token_pixels(folder: Path, meta: dict) -> int:
         raise ConversionError(f"{folder / 'transformer'}: {e}") from None
 
 
-def family_folder(seed: int, digest: str, token_pixels: int, root: Path) -> Path:
-    """The family's pipeline folder for (seed, digest, token size) under `root`, built on first use."""
+def family_folder(seed: int, digest: str, token_pixels: int, root: Path, fingerprint: dict | None = None) -> Path:
+    """The family's pipeline folder for (seed, digest, token size) under `root`, built on first use
+    (its encoder checked against `digest`, or `fingerprint`: see `build.build_toy_pipeline`)."""
     from qwen_jax.toy.build import FAMILY_VERSION, build_toy_pipeline
 
     target = root / f"family-{FAMILY_VERSION}-s{seed}-px{token_pixels}-{digest[:12]}"
@@ -90,8 +92,9 @@ def family_folder(seed: int, digest: str, token_pixels: int, root: Path) -> Path
     tmp = root / f".{target.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        build_toy_pipeline(tmp, seed=seed, expect_digest=digest, token_pixels=token_pixels)
-    except ValueError as e:  # the digest check
+        build_toy_pipeline(tmp, seed=seed, expect_digest=digest, token_pixels=token_pixels,
+                           expect_fingerprint=fingerprint)
+    except ValueError as e:  # the encoder check
         raise ConversionError(str(e)) from None
     publish_dir(tmp, target)
     return target
@@ -105,7 +108,8 @@ def resolve_toy_folder(folder: str | os.PathLike, cache_dir: str | os.PathLike |
     meta = read_meta(folder)
     root = Path(cache_dir or default_cache_dir()) / "toy-models"
     root.mkdir(parents=True, exist_ok=True)
-    family = family_folder(int(meta.get("seed", 0)), meta["text_encoder_sha256"], token_pixels(folder, meta), root)
+    family = family_folder(int(meta.get("seed", 0)), meta["text_encoder_sha256"], token_pixels(folder, meta), root,
+                           meta.get("text_encoder_fingerprint"))
     key = hashlib.sha256(str(folder).encode() + (folder / META_FILE).read_bytes()).hexdigest()[:12]
     target = root / f"{folder.name}-{key}"
     if (target / META_FILE).is_file():
