@@ -128,6 +128,11 @@ def static_shift(sigma, shift: float):
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+def static_unshift(sigma, shift: float):
+    """The inverse of `static_shift`: the base sigma that the shift maps to `sigma`."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
 def sample_training_sigmas(key: jax.Array, shape, kind: str = "logit_normal", mean: float = 0.0, std: float = 1.0,
                            shift: float | None = None) -> jax.Array:
     """Sigmas for flow-matching training, in (0, 1).

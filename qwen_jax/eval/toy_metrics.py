@@ -159,6 +159,11 @@ def decode_batch(images) -> dict[str, np.ndarray]:
     return {key: np.concatenate([p[key] for p in parts]) for key in parts[0]}
 
 
+def decode_names(images) -> list[tuple[str, str | None, str | None]]:
+    """(background, foreground, shape) names per image; foreground and shape None when not found."""
+    return _names(decode_batch(images))
+
+
 def _names(decoded: dict) -> list[tuple[str, str | None, str | None]]:
     return [(PALETTE_NAMES[b], PALETTE_NAMES[f] if f >= 0 else None, SHAPES[s] if s >= 0 else None)
             for b, f, s in zip(decoded["bg"], decoded["fg"], decoded["shape"])]
