@@ -72,6 +72,18 @@ def evaluate_model(model, out, *, prompts=None, seeds: int = 4, steps: int = 50,
     return metrics, images, captions
 
 
+def prompts_error(prompts) -> str | None:
+    """The one-line error for the first of `prompts` that is not one of the 168 captions, or None."""
+    from qwen_jax.toy import parse_prompt
+
+    try:
+        for prompt in prompts or ():
+            parse_prompt(prompt)
+    except ValueError as e:
+        return f"--prompts: {e}"
+    return None
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m qwen_jax.eval.toy", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -93,13 +105,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     from qwen_jax.eval import toy_metrics
-    from qwen_jax.toy import parse_prompt
 
-    try:
-        for prompt in args.prompts or ():
-            parse_prompt(prompt)
-    except ValueError as e:
-        print(f"error: --prompts: {e}", file=sys.stderr)
+    error = prompts_error(args.prompts)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     metrics, _, _ = evaluate_model(args.model, args.out, prompts=args.prompts, seeds=args.seeds, steps=args.steps,
                                    guidance=args.guidance, sigmas=args.sigmas, negative=args.negative_prompt,

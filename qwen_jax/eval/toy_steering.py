@@ -111,17 +111,12 @@ def main(argv=None) -> int:
     p.add_argument("--prompts", nargs="+", help="a subset of the 168 captions (default: all)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    from qwen_jax.toy import parse_prompt
+    from qwen_jax.eval.toy import prompts_error
 
     bad = [s for s in args.sigma0 if not 0.0 < s <= 1.0]
-    if bad:
-        print(f"error: --sigma0 must be in (0, 1], got {bad[0]}", file=sys.stderr)
-        return 2
-    try:
-        for prompt in args.prompts or ():
-            parse_prompt(prompt)
-    except ValueError as e:
-        print(f"error: --prompts: {e}", file=sys.stderr)
+    error = f"--sigma0 must be in (0, 1], got {bad[0]}" if bad else prompts_error(args.prompts)
+    if error:
+        print(f"error: {error}", file=sys.stderr)
         return 2
     results = measure(args.model, args.sigma0, steps=args.steps, guidance=args.guidance, words=args.words,
                       prompts=args.prompts)
