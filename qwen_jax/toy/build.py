@@ -95,11 +95,13 @@ def text_encoder_fingerprint(text_encoder) -> dict:
     projections = np.zeros(FINGERPRINT_PROJECTIONS)
     for path, value in sorted(flatten_params(nnx.state(text_encoder, nnx.Param)).items()):
         x = np.asarray(value, np.float64).ravel()
-        rng = np.random.default_rng(zlib.crc32("/".join(path).encode()))
+        # the raw PCG64 stream (fixed across numpy versions, unlike Generator methods), one bit a sign
+        bits = np.random.PCG64(zlib.crc32("/".join(path).encode()))
         for start in range(0, x.size, 1 << 20):  # bounded memory for the 9.7 M-entry embedding
             chunk = x[start:start + (1 << 20)]
-            signs = rng.integers(0, 2, (FINGERPRINT_PROJECTIONS, chunk.size), dtype=np.int8) * 2 - 1
-            projections += signs @ chunk
+            words = bits.random_raw(-(-FINGERPRINT_PROJECTIONS * chunk.size // 64)).astype("<u8")
+            signs = np.unpackbits(words.view(np.uint8))[:FINGERPRINT_PROJECTIONS * chunk.size]
+            projections += (signs.reshape(FINGERPRINT_PROJECTIONS, chunk.size) * 2.0 - 1.0) @ chunk
         total += x.size
         squares += float(np.dot(x, x))
     return {"rms": math.sqrt(squares / total), "projections": [float(p) for p in projections / math.sqrt(total)]}
@@ -131,7 +133,8 @@ def build_toy_pipeline(out, seed: int = 0, overwrite: bool = False, transformer:
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     # The seeded parameters are drawn on the CPU whatever the default backend: the committed
-    # models were trained with the CPU's draw, whose bits a GPU's erf_inv would not reproduce.
+    # models were trained with the CPU's draw, which a GPU's erf_inv would round differently
+    # (the fingerprint would accept it; drawn on the CPU, the exact digest usually holds).
     with jax.default_device(jax.devices("cpu")[0]):
         text_encoder = random_module(QwenTextEncoder, TextEncoderConfig.tiny(), seed + 1)
         digest = text_encoder_digest(text_encoder)
